@@ -1,0 +1,1 @@
+"""jaxalign.distill"""

@@ -1,0 +1,109 @@
+"""Device mesh, logical-axis rules and helpers for global arrays: the one place where sharding is named.
+
+Mesh axes (ARCHITECTURE.md): 'data' (batch), 'fsdp' (parameters and optimizer state), 'tensor' (optional model
+parallelism). Models name their parameter dimensions with logical axes ('embed', 'mlp', 'heads', ...);
+`LOGICAL_AXIS_RULES` maps each logical name to mesh axes, so the same model runs data-parallel, FSDP or
+tensor-parallel by changing the mesh shape, not the model (MaxText's convention).
+
+A dimension is only sharded over a mesh axis when it divides evenly; otherwise it is replicated along that
+axis, so tiny test models run on any mesh.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it may be sharded over (in order of preference).
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "vocab": ("tensor",),
+    "memory_rows": ("data", "fsdp", "tensor"),
+    "layers": (),
+    "head_dim": (),
+}
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one entry of `shape` may be -1 to take the remaining devices.
+
+    Axes are Explicit-free (Auto) so that `jax.jit(in_shardings=..., out_shardings=...)` decides layouts, as the
+    design asks; the mesh works under `jax.set_mesh` as well.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, {len(devices)} are available")
+    return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_mesh_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+                         rules: dict[str, tuple[str, ...]] | None = None) -> PartitionSpec:
+    """Maps a PartitionSpec of logical names to one of mesh axes, for an array of `shape`.
+
+    A mesh axis is used at most once per array and only where it divides the dimension evenly.
+    """
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(tuple(logical)))):
+        chosen: list[str] = []
+        size = 1
+        for axis in rules.get(name, ()) if name is not None else ():
+            n = mesh.shape[axis]
+            if axis in used or n == 1 or dim % (size * n):
+                continue
+            chosen.append(axis)
+            size *= n
+        used.update(chosen)
+        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*out)
+
+
+def param_shardings(params: PyTree, axes: PyTree, mesh: Mesh) -> PyTree:
+    """NamedShardings for a parameter pytree given its pytree of logical PartitionSpecs."""
+    return jax.tree.map(lambda p, a: NamedSharding(mesh, logical_to_mesh_spec(a, p.shape, mesh)), params, axes)
+
+
+def shard_params(params: PyTree, axes: PyTree, mesh: Mesh) -> PyTree:
+    """Places every parameter on the mesh according to its logical axes."""
+    return jax.device_put(params, param_shardings(params, axes, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a global batch: leading axis over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
+    """Makes global arrays from each process's slice of the batch (`jax.make_array_from_process_local_data`).
+
+    Every leaf is [local_batch, ...]; the global batch is the concatenation over processes in process order.
+    """
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
+        local_batch)

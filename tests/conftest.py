@@ -1,0 +1,26 @@
+"""Shared test set-up: 8 fake CPU devices, a persistent compilation cache, tiny random seeds.
+
+`make test` sets XLA_FLAGS before Python starts; the defaults here make a bare `pytest` behave the same.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """The 8 fake CPU devices; fails loudly if XLA_FLAGS did not take effect."""
+    devices = jax.devices()
+    assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}: set XLA_FLAGS before importing jax"
+    return devices
