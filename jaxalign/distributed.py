@@ -1,0 +1,56 @@
+"""Multi-host start-up: one process per host, joined by JAX's own runtime (`jax.distributed`).
+
+There is no home-made distribution layer. A launcher (see `launch/`) starts the same entry point once per host
+and tells it how to find the coordinator, either through the standard cluster environments that
+`jax.distributed.initialize()` detects by itself (TPU VMs, SLURM) or through these variables:
+
+  JAXALIGN_COORDINATOR   host:port of process 0
+  JAXALIGN_NUM_PROCESSES number of processes
+  JAXALIGN_PROCESS_ID    this process's index
+  JAXALIGN_DISTRIBUTED   '1' to initialise from the cluster environment when the three above are unset
+
+`initialize_from_environment()` does nothing when none is set, so single-host runs need no flags.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+_ENV_COORDINATOR = "JAXALIGN_COORDINATOR"
+_ENV_NUM_PROCESSES = "JAXALIGN_NUM_PROCESSES"
+_ENV_PROCESS_ID = "JAXALIGN_PROCESS_ID"
+_ENV_AUTO = "JAXALIGN_DISTRIBUTED"
+
+
+def initialize_from_environment() -> bool:
+    """Calls `jax.distributed.initialize` when the launcher asked for it; returns whether it did.
+
+    Must run before any other JAX call touches the devices.
+    """
+    coordinator = os.environ.get(_ENV_COORDINATOR)
+    if coordinator:
+        missing = [name for name in (_ENV_NUM_PROCESSES, _ENV_PROCESS_ID) if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"{_ENV_COORDINATOR} is set but {', '.join(missing)} is not: set all three")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=int(os.environ[_ENV_NUM_PROCESSES]),
+                                   process_id=int(os.environ[_ENV_PROCESS_ID]))
+        return True
+    if os.environ.get(_ENV_AUTO) == "1":
+        jax.distributed.initialize()  # TPU VM pods and SLURM are detected by JAX itself
+        return True
+    return False
+
+
+def is_main_process() -> bool:
+    """True on the process that writes logs, plots and exported files (process 0)."""
+    return jax.process_index() == 0
+
+
+def host_slice(num_items: int) -> range:
+    """The contiguous range of item indexes this process reads: an even split over processes, rest to the last."""
+    per_process = num_items // jax.process_count()
+    start = jax.process_index() * per_process
+    stop = num_items if jax.process_index() == jax.process_count() - 1 else start + per_process
+    return range(start, stop)
