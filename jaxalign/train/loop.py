@@ -1,0 +1,168 @@
+"""The generic training loop: resume, step, log, evaluate, checkpoint, stop on a non-finite loss.
+
+Trainers (TinyAlign stages, CLUTRR distillation) build their state, jitted step and data, then call `train`.
+The loop owns everything that is the same for all of them:
+
+  * exact resume: the latest checkpoint in `<workdir>/checkpoints` is restored (params, optimizer state, step
+    and random key) and the batch iterator is created from the restored step (`batch_iterator_factory(step)`),
+    so an interrupted and resumed run sees the same batches and keys, and ends with the same parameters, as
+    an uninterrupted one;
+  * the resolved config is written to `<workdir>/config.json` at start;
+  * metrics go to `<workdir>/metrics.jsonl` and TensorBoard; a progress bar shows loss, examples/s and ETA;
+  * a NaN or infinite loss raises `NonFiniteLossError` naming the step; the bad state is not saved, so the
+    last checkpoint written stays the latest good one;
+  * checkpoints every `checkpoint_every` steps and at the end (async, keep-last-N).
+
+Step numbering: "step n" is the state after n updates (`state.step == n`); metrics and checkpoints of step n
+describe that state.
+
+Public API:
+  train(*, state, train_step, batch_iterator_factory, total_steps, workdir, ...) -> TrainResult(state, history)
+  NonFiniteLossError(step, metrics)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+
+from jaxalign.configs.base import save_resolved_config
+from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.metrics import MetricWriter
+from jaxalign.train.progress import TrainProgress
+from jaxalign.train.state import TrainState
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; `step` is the update that produced it (1-based, like checkpoints)."""
+
+    def __init__(self, step: int, metrics: dict[str, float], last_good_checkpoint: int | None, directory: str):
+        self.step = step
+        self.metrics = metrics
+        self.last_good_checkpoint = last_good_checkpoint
+        kept = (f"the last good checkpoint is step {last_good_checkpoint} in {directory}"
+                if last_good_checkpoint is not None else f"no checkpoint was written yet in {directory}")
+        super().__init__(f"non-finite loss {metrics.get('loss')} at step {step} (metrics {metrics}); training "
+                         f"stopped and the bad state was not saved; {kept}. Lower the learning rate, check the "
+                         "batch of that step, or resume from the checkpoint.")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Final state and the metrics logged every `log_every` steps (dicts with 'step')."""
+
+    state: TrainState
+    history: list[dict[str, float]]
+
+
+def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple[TrainState, dict]],
+          batch_iterator_factory: Callable[[int], Iterator[PyTree]], total_steps: int, workdir: str,
+          log_every: int = 10, checkpoint_every: int = 100, keep: int = 3, config: Any = None,
+          eval_fn: Callable[[TrainState], dict[str, float]] | None = None, eval_every: int | None = None,
+          checkpoint_trainable_mask: PyTree | None = None, examples_per_step: int | None = None,
+          async_checkpoints: bool = True, progress: bool | None = None) -> TrainResult:
+    """Runs (or resumes) training until `state.step == total_steps`.
+
+    Args:
+      state: a freshly initialised state, already placed on the mesh; also the restore target (its shardings,
+        and its frozen params when `checkpoint_trainable_mask` is set).
+      train_step: jitted `(state, batch) -> (state, metrics)` with a scalar 'loss' in metrics.
+      batch_iterator_factory: `start_step -> iterator of global batches` starting at batch `start_step`.
+      total_steps: number of updates of the whole run.
+      workdir: run directory (config.json, metrics.jsonl, tensorboard/, checkpoints/).
+      log_every: metrics are written and kept in the history every this many steps (and at the last one).
+      checkpoint_every: a checkpoint every this many steps; one is always written at the end.
+      keep: checkpoints kept.
+      config: the resolved config (ConfigDict or dict) to save as config.json and in checkpoint extras.
+      eval_fn: `state -> dict of metrics`, run every `eval_every` steps and at the end; logged as 'eval/<name>'.
+      checkpoint_trainable_mask: if given, frozen params are not written to checkpoints (see Checkpointer).
+      examples_per_step: global batch size, for the examples/s throughput shown and logged.
+      async_checkpoints: save in the background (waited for before returning or raising).
+      progress: show a progress bar (None: only on a terminal).
+
+    Raises:
+      NonFiniteLossError: the loss became NaN or infinite.
+    """
+    # --- run directory and config ------------------------------------------------------------------------------
+    os.makedirs(workdir, exist_ok=True)
+    if config is not None and jax.process_index() == 0:
+        save_resolved_config(config, workdir)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpointer = Checkpointer(checkpoint_dir, keep=keep, trainable_mask=checkpoint_trainable_mask,
+                                async_saves=async_checkpoints)
+
+    # --- resume ------------------------------------------------------------------------------------------------
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        state, extra = restored
+        log.info("resumed from %s at step %d (checkpoint extras: %s)", checkpoint_dir, int(state.step),
+                 sorted(extra))
+    start_step = int(state.step)
+    batches = batch_iterator_factory(start_step)
+
+    # --- observability -----------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir)
+    bar = TrainProgress(total_steps, start_step, examples_per_step, disable=None if progress is None else not progress)
+    history: list[dict[str, float]] = []
+
+    def eval_and_log(step: int) -> None:
+        results = {f"eval/{name}": float(value) for name, value in eval_fn(state).items()}
+        writer.write(step, results)
+        history.append({"step": step, **results})
+
+    # --- loop --------------------------------------------------------------------------------------------------
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the batch iterator ran out before step {step} of {total_steps}; make "
+                    "batch_iterator_factory yield at least total_steps batches (repeat epochs)") from None
+            new_state, metrics = train_step(state, batch)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                checkpointer.wait()
+                raise NonFiniteLossError(step, {k: float(v) for k, v in metrics.items()},
+                                         checkpointer.latest_step(), checkpoint_dir)
+            state = new_state
+            bar.update(step, loss)
+
+            if step % log_every == 0 or step == total_steps:
+                record = {name: float(value) for name, value in metrics.items()}
+                writer.write(step, record)
+                history.append({"step": step, **record})
+            if eval_fn is not None and eval_every and step % eval_every == 0 and step != total_steps:
+                eval_and_log(step)
+            if step % checkpoint_every == 0 or step == total_steps:
+                extra = {"step": step, "next_batch_index": step}
+                if config is not None:
+                    extra["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+                checkpointer.save(step, state, extra=_json_safe(extra))
+
+        # --- final evaluation ----------------------------------------------------------------------------------
+        if eval_fn is not None and int(state.step) == total_steps:
+            eval_and_log(total_steps)
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return TrainResult(state=state, history=history)
+
+
+def _json_safe(value: Any) -> Any:
+    """Best-effort JSON form of a checkpoint extra (tuples to lists, unknown objects to strings)."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,142 @@
+"""The training loop: exact resume after a crash, NaN stop keeping the last good checkpoint, metrics on disk."""
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxalign import sharding
+from jaxalign.train import optimizer as opt_lib
+from jaxalign.train.loop import NonFiniteLossError, train
+from jaxalign.train.metrics import read_metrics
+from jaxalign.train.state import create_train_state, state_shardings
+from jaxalign.train.step import jit_train_step, make_train_step
+
+AXES = {"frozen": {"kernel": P(None, "embed")}, "dense": {"kernel": P("embed", "mlp"), "bias": P("mlp")},
+        "out": {"kernel": P("mlp", None)}}
+SCHEDULE = opt_lib.warmup_cosine_schedule(0.05, total_steps=10, warmup_steps=2)
+RULES = [("frozen/.*", None), (".*", opt_lib.adamw(SCHEDULE, weight_decay=0.01))]
+
+
+def init_params():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    return {"frozen": {"kernel": jax.random.normal(k1, (4, 8))},
+            "dense": {"kernel": 0.3 * jax.random.normal(k2, (8, 8)), "bias": jnp.zeros(8)},
+            "out": {"kernel": 0.3 * jax.random.normal(k3, (8, 1))}}
+
+
+def dropout_loss(params, batch, rng):
+    """Regression with dropout, so the result depends on the random key as well as the data order."""
+    h = jnp.tanh(batch["x"] @ params["frozen"]["kernel"])
+    h = jnp.tanh(h @ params["dense"]["kernel"] + params["dense"]["bias"])
+    h = h * jax.random.bernoulli(rng, 0.8, h.shape) / 0.8
+    loss = jnp.mean((h @ params["out"]["kernel"] - batch["y"]) ** 2)
+    return loss, {"mse": loss}
+
+
+def batch_at(index):
+    kx, ky = jax.random.split(jax.random.PRNGKey(100 + index))
+    return {"x": np.asarray(jax.random.normal(kx, (8, 4))), "y": np.asarray(jax.random.normal(ky, (8, 1)))}
+
+
+def batches_from(start, crash_at=None, poison_at=None):
+    for index in itertools.count(start):
+        if crash_at is not None and index == crash_at:
+            raise KeyboardInterrupt(f"simulated crash before batch {index}")
+        batch = batch_at(index)
+        if poison_at is not None and index == poison_at:
+            batch["x"] = np.full_like(batch["x"], np.nan)
+        yield batch
+
+
+@pytest.fixture(scope="module")
+def engine(eight_devices):
+    mesh = sharding.make_mesh((2, 4, 1))
+    params = init_params()
+    optimizer = opt_lib.build_optimizer(params, RULES)
+    mask = opt_lib.trainable_mask(params, RULES)
+    shardings = state_shardings(create_train_state(params, optimizer, jax.random.PRNGKey(7)), AXES, mesh)
+    step = jit_train_step(make_train_step(dropout_loss, optimizer, mask, learning_rate_fn=SCHEDULE), mesh, shardings,
+                          sharding.batch_sharding(mesh, 1))
+
+    def fresh_state():
+        return jax.device_put(create_train_state(init_params(), optimizer, jax.random.PRNGKey(7)), shardings)
+
+    return {"step": step, "fresh_state": fresh_state, "mask": mask}
+
+
+def run(engine, workdir, total_steps=10, **kwargs):
+    factory = kwargs.pop("factory", batches_from)
+    return train(state=engine["fresh_state"](), train_step=engine["step"], batch_iterator_factory=factory,
+                 total_steps=total_steps, workdir=str(workdir), log_every=2, checkpoint_every=5, keep=2,
+                 examples_per_step=8, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def straight_run(engine, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    config = ml_collections.ConfigDict({"lr": 0.05, "model": {"width": 8}})
+    return workdir, run(engine, workdir, config=config)
+
+
+def test_resume_after_crash_is_exact(engine, straight_run, tmp_path):
+    _, straight = straight_run
+    with pytest.raises(KeyboardInterrupt):
+        run(engine, tmp_path, factory=lambda start: batches_from(start, crash_at=7))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+    resumed = run(engine, tmp_path, checkpoint_trainable_mask=None)
+    assert int(resumed.state.step) == 10
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 straight.state.params, resumed.state.params)
+    np.testing.assert_array_equal(np.asarray(straight.state.rng), np.asarray(resumed.state.rng))
+    # The resumed run logged steps 6..10 only, with the same values as the straight run.
+    assert [r["step"] for r in resumed.history] == [6, 8, 10]
+    assert resumed.history[-1]["loss"] == straight.history[-1]["loss"]
+
+
+def test_metrics_config_and_checkpoints_are_written(straight_run):
+    workdir, result = straight_run
+    records = read_metrics(str(workdir))
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
+    assert records == result.history
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
+    np.testing.assert_allclose(records[0]["learning_rate"], float(SCHEDULE(1)), rtol=1e-6)
+    assert all(r["loss"] == r["mse"] for r in records)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+    with open(workdir / "config.json") as file:
+        assert json.load(file) == {"lr": 0.05, "model": {"width": 8}}
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "5"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(engine, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="step 8") as error:
+        run(engine, tmp_path, factory=lambda start: batches_from(start, poison_at=7))
+    assert error.value.step == 8 and error.value.last_good_checkpoint == 5
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+    # Steps 6 and 7 were fine, 8 was not: the log stops at 6 and never records the NaN.
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4, 6]
+
+
+def test_eval_fn_is_logged(engine, tmp_path):
+    calls = []
+
+    def eval_fn(state):
+        calls.append(int(state.step))
+        return {"weight_norm": jnp.linalg.norm(state.params["out"]["kernel"])}
+
+    result = run(engine, tmp_path, total_steps=4, eval_fn=eval_fn, eval_every=2,
+                 checkpoint_trainable_mask=engine["mask"], progress=True)
+    assert calls == [2, 4]
+    evals = [r for r in result.history if "eval/weight_norm" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1]["eval/weight_norm"] == pytest.approx(float(jnp.linalg.norm(result.state.params["out"]["kernel"])))
+
+
+def test_exhausted_batch_iterator_is_a_clear_error(engine, tmp_path):
+    with pytest.raises(RuntimeError, match="ran out before step 4 of 10"):
+        run(engine, tmp_path, factory=lambda start: itertools.islice(batches_from(start), 3))
