@@ -60,22 +60,30 @@ def stack_specs(specs: PyTree, num_layers: int) -> PyTree:
 
 
 def init_params(specs: PyTree, key: jax.Array, dtype: Any = jnp.float32) -> PyTree:
-    """Draws parameters for a pytree of `ParamSpec`s; each leaf gets its own fold of `key`."""
+    """Draws parameters for a pytree of `ParamSpec`s; each leaf gets its own fold of `key`.
+
+    All draws run in one jitted program: drawing leaf by leaf compiles one random kernel per distinct shape,
+    which costs seconds per model on CPU.
+    """
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    arrays = []
-    for leaf_key, spec in zip(keys, leaves):
-        if spec.init == "normal":
-            arrays.append(spec.scale * jax.random.normal(leaf_key, spec.shape, jnp.float32))
-        elif spec.init == "uniform":
-            arrays.append(jax.random.uniform(leaf_key, spec.shape, jnp.float32, -spec.scale, spec.scale))
-        elif spec.init == "zeros":
-            arrays.append(jnp.zeros(spec.shape, jnp.float32))
-        elif spec.init == "ones":
-            arrays.append(jnp.ones(spec.shape, jnp.float32))
-        else:
-            raise ValueError(f"unknown initialiser {spec.init!r} (expected normal, uniform, zeros or ones)")
-    return jax.tree.unflatten(treedef, [a.astype(dtype) for a in arrays])
+
+    def draw(key):
+        keys = jax.random.split(key, max(len(leaves), 1))
+        arrays = []
+        for leaf_key, spec in zip(keys, leaves):
+            if spec.init == "normal":
+                arrays.append(spec.scale * jax.random.normal(leaf_key, spec.shape, jnp.float32))
+            elif spec.init == "uniform":
+                arrays.append(jax.random.uniform(leaf_key, spec.shape, jnp.float32, -spec.scale, spec.scale))
+            elif spec.init == "zeros":
+                arrays.append(jnp.zeros(spec.shape, jnp.float32))
+            elif spec.init == "ones":
+                arrays.append(jnp.ones(spec.shape, jnp.float32))
+            else:
+                raise ValueError(f"unknown initialiser {spec.init!r} (expected normal, uniform, zeros or ones)")
+        return [a.astype(dtype) for a in arrays]
+
+    return jax.tree.unflatten(treedef, jax.jit(draw)(key))
 
 
 def logical_axes(specs: PyTree) -> PyTree:
