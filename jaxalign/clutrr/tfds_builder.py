@@ -1,0 +1,176 @@
+"""A tfds builder for CLUTRR: generated data, or the released data given as a manual directory.
+
+It writes ``array_record`` files, which tfds reads without TensorFlow through ``tfds.data_source``, and it never
+downloads anything: released data must already sit in the manual directory, either as the zip
+(``<manual_dir>/data_089907f8.zip``) or unpacked (``<manual_dir>/data_089907f8/*.csv``).
+
+Splits are named after the CSV files: ``1.2,1.3_train.csv`` -> ``train``, ``1.3_test.csv`` -> ``test_1_3``.
+
+Example::
+
+    builder = ClutrrDataset(config="data_089907f8", data_dir="/tmp/tfds", file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir="../shared/data/clutrr"))
+    source = tfds.data_source("jaxalign_clutrr/data_089907f8", data_dir="/tmp/tfds")
+    source["test_1_3"][0]["target"]   # class id into relations.LABELS
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxalign.clutrr import generator, reader, relations
+
+RELEASED_DATASETS: dict[str, str] = {
+    "data_089907f8": "generalisation, clean, train k = 2, 3; test k = 2..10",
+    "data_db9b8f04": "generalisation, clean, train k = 2, 3, 4; test k = 2..10",
+    "data_7c5b0e70": "robustness, clean training; test k = 3 of each noise type",
+    "data_06b8f2a1": "robustness, supporting-fact training",
+    "data_523348e6": "robustness, irrelevant-fact training",
+    "data_d83ecc3e": "robustness, disconnected-fact training",
+}
+
+
+@dataclasses.dataclass
+class ClutrrConfig(tfds.core.BuilderConfig):
+    """Where the rows come from.
+
+    Attributes:
+      released: the name of a released data set (``data_089907f8``), read from the manual directory; empty for
+        generated data.
+      seed, train_ks, test_ks, tasks, rows_per_file, train_rows_per_k: generator settings (generated data only;
+        see ``generator.generate_dataset``).
+    """
+
+    released: str = ""
+    seed: int = 0
+    train_ks: tuple[int, ...] = (2, 3)
+    test_ks: tuple[int, ...] = (2, 3, 4, 5, 6)
+    tasks: tuple[int, ...] = (1,)
+    rows_per_file: int = 100
+    train_rows_per_k: int = 500
+
+
+def split_name(file_name: str) -> str:
+    """tfds split name of a CLUTRR CSV file name: ``'1.3_test.csv'`` -> ``'test_1_3'``."""
+    stem = os.path.basename(file_name).removesuffix(".csv")
+    if stem.endswith("_train"):
+        return "train"
+    if stem.endswith("_test"):
+        return "test_" + stem.removesuffix("_test").replace(".", "_").replace(",", "_")
+    raise ValueError(f"{file_name}: not a CLUTRR file name (<task>.<k>_test.csv or <tasks>_train.csv)")
+
+
+def row_features(row: reader.ClutrrRow) -> dict:
+    """The example dict of one row (see ``ClutrrDataset.FEATURES``)."""
+    return {
+        "id": row.id,
+        "story": row.story,
+        "clean_story": row.clean_story,
+        "query": list(row.query),
+        "target": relations.LABELS.index(row.target),
+        "target_relation": relations.RELATION_TYPES.index(row.target_relation),
+        "task_name": row.task_name,
+        "noise_task": row.noise_task,
+        "k": row.k,
+        "story_edges": np.asarray(row.story_edges, np.int32).reshape(-1, 2),
+        "edge_types": np.asarray([relations.LABELS.index(label) for label in row.edge_types], np.int32),
+        "query_edge": np.asarray(row.query_edge, np.int32),
+        "names": list(row.names),
+        "node_genders": np.asarray([relations.GENDERS.index(g) for _, g in row.genders], np.int32),
+        "f_comb": row.f_comb,
+        "proof_state": repr(list(row.proof_state)),
+        "text_target": " ".join(row.text_target),
+    }
+
+
+class ClutrrDataset(tfds.core.GeneratorBasedBuilder):
+    """CLUTRR stories with their symbolic graphs (one config per released data set, plus generated data)."""
+
+    name = "jaxalign_clutrr"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put the released CLUTRR zips (data_089907f8.zip, ...) or their unpacked folders in the manual "
+        "directory, for example download_config=tfds.download.DownloadConfig(manual_dir='../shared/data/clutrr').")
+    BUILDER_CONFIGS = [ClutrrConfig(name="generated", description="Generated with jaxalign.clutrr.generator.")] + [
+        ClutrrConfig(name=name, description=text, released=name) for name, text in RELEASED_DATASETS.items()]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="CLUTRR kinship reasoning (Sinha et al., EMNLP 2019): story, query and answer, with the "
+                        "story's graph (node-index edges, path edge labels, genders).",
+            features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(),
+                "story": tfds.features.Text(),
+                "clean_story": tfds.features.Text(),
+                "query": tfds.features.Sequence(tfds.features.Text()),
+                "target": tfds.features.ClassLabel(names=list(relations.LABELS)),
+                "target_relation": tfds.features.ClassLabel(names=list(relations.RELATION_TYPES)),
+                "task_name": tfds.features.Text(),
+                "noise_task": np.int32,
+                "k": np.int32,
+                "story_edges": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+                "edge_types": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "query_edge": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                "names": tfds.features.Sequence(tfds.features.Text()),
+                "node_genders": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "f_comb": tfds.features.Text(),
+                "proof_state": tfds.features.Text(),
+                "text_target": tfds.features.Text(),
+            }),
+            homepage="https://github.com/facebookresearch/clutrr",
+            citation="Sinha, Sodhani, Dong, Pineau, Hamilton. CLUTRR: A Diagnostic Benchmark for Inductive "
+                     "Reasoning from Text. EMNLP 2019.",
+            license="CC-BY-NC 4.0 (released data)",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        config: ClutrrConfig = self.builder_config
+        files = self._released_files(dl_manager) if config.released else self._generated_files()
+        return {split_name(name): self._generate_examples(name, rows) for name, rows in files.items()}
+
+    def _released_files(self, dl_manager) -> dict[str, list[reader.ClutrrRow]]:
+        name = self.builder_config.released
+        manual_dir = os.fspath(dl_manager.manual_dir)
+        zip_path = os.path.join(manual_dir, f"{name}.zip")
+        if os.path.exists(zip_path):
+            return reader.read_zip(zip_path)
+        folder = os.path.join(manual_dir, name)
+        if os.path.isdir(folder):
+            return {f: reader.read_csv(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
+                    if f.endswith(".csv")}
+        raise FileNotFoundError(f"{name}: neither {zip_path} nor the folder {folder} exists. "
+                                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
+    def _generated_files(self) -> dict[str, list[reader.ClutrrRow]]:
+        config: ClutrrConfig = self.builder_config
+        with tempfile.TemporaryDirectory() as folder:
+            written = generator.generate_dataset(
+                folder, config.train_ks, config.test_ks, config.tasks, config.rows_per_file, config.seed,
+                train_rows_per_k=config.train_rows_per_k)
+            return {name: reader.read_csv(path) for name, path in written.items() if name.endswith(".csv")}
+
+    def _generate_examples(self, file_name: str, rows: Sequence[reader.ClutrrRow]) -> Iterator[tuple[str, dict]]:
+        # The unnamed index column restarts within concatenated training files, so key by position.
+        for position, row in enumerate(rows):
+            yield f"{file_name}:{position}", row_features(row)
+
+
+def build(config: str | ClutrrConfig, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None):
+    """Prepares a CLUTRR config under ``data_dir`` (array_record) and returns its data sources by split.
+
+    Args:
+      config: a config name (``'generated'``, ``'data_089907f8'``, ...) or a ``ClutrrConfig``.
+      data_dir: the tfds data directory.
+      manual_dir: folder holding the released zips (needed for released configs).
+    """
+    builder = ClutrrDataset(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+    builder.download_and_prepare(download_config=download_config)
+    return builder.as_data_source()
