@@ -1,0 +1,323 @@
+"""Input pipelines: a tfds data source of LLaVA-format records -> fixed-shape numpy batches for the jitted step.
+
+A record (from `easy_vqa` or `llava`) has `id`, `image` (encoded bytes, empty for text-only samples) and
+`conversations` (LLaVA JSON text). grain reads and maps the records (`grain.MapDataset.source(...)
+.map_with_index(...)`, zero worker processes: the target machines have 2 cores); the order, the host slice, the
+replacement of bad samples and the resumable position are this module's, because a filtered grain stream cannot
+be restarted at a step number.
+
+The order of a training run, all of it a function of the arguments:
+1. **Fraction.** `select_fraction(len(source), fraction, fraction_seed)` keeps the first `round(fraction * N)`
+   indexes of a seeded permutation of all N. With the same seed a smaller fraction is a prefix of a larger one
+   (the 40% subset lies inside the 80% subset), and every host computes the same subset.
+2. **Host slice.** The selected indexes, sorted, are split into `process_count` contiguous, disjoint parts
+   (`np.array_split`); host `process_index` reads only its part. Nothing is dropped to even them out.
+3. **Epochs.** Epoch e visits the host's part in the order of a permutation seeded by (seed, e) (or in order
+   with `shuffle=False`). Batches are cut from the concatenated stream of *valid* samples, so they are always
+   full and may span an epoch boundary.
+4. **Bad samples** (masking errors, over-long samples, missing or corrupt images) are replaced by the next valid
+   ones; each is counted by reason with its id in the pass's `SkipReport`, which is printed at the end of every
+   pass (epoch). `fail_fast=True` raises instead.
+
+Multi-host: each host yields `batch_size` rows per step; the global batch is assembled with
+`jax.make_array_from_process_local_data`. Hosts skip different numbers of bad samples, so with a finite
+`num_epochs` they could run out at different steps: train with `num_epochs=None` and a step count.
+
+Resume: `make_vqa_dataset(..., start_step=s)` yields exactly the batches an uninterrupted run yields from step s
+on. It finds the position by replaying the selection of steps 0..s-1 (tokenising and decoding those samples
+without building batches), which also rebuilds the current pass's report; `iterator.state` /
+`start_state=` restore the position at no cost instead.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from jaxalign.data.batching import Sample, SampleSpec, SkipReport, collate, process_record
+from jaxalign.data.chat_templates import ChatTemplate, TokenizedExample
+from jaxalign.data.image_ops import blank_image
+from jaxalign.data.tokenizer import Tokenizer
+
+
+# ------------------------------------------------------------------------------------------- selection
+def select_fraction(num_records: int, fraction: float, seed: int) -> np.ndarray:
+    """The source indexes [round(fraction * num_records)] of a data fraction, in selection order.
+
+    A seeded permutation of all indexes, cut after the fraction: for one seed, a smaller fraction's indexes are
+    a prefix of a larger fraction's.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    permutation = np.random.default_rng([seed, 0xF4AC]).permutation(num_records)
+    count = int(round(fraction * num_records))
+    if count == 0:
+        raise ValueError(f"fraction {fraction} of {num_records} records selects none; use a larger fraction")
+    return permutation[:count]
+
+
+def host_slice(indexes: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """The contiguous part of `indexes` read by host `process_index` of `process_count` (parts are disjoint and
+    cover all indexes; their sizes differ by at most one)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return np.array_split(indexes, process_count)[process_index]
+
+
+def _jax_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only needed for the defaults; keeps the data code importable without initialising jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def _source_dataset(data_source: Any, spec: SampleSpec, for_generation: bool = False) -> grain.MapDataset:
+    return grain.MapDataset.source(data_source).map_with_index(
+        lambda index, record: process_record(spec, index, record, for_generation))
+
+
+# ------------------------------------------------------------------------------------------- training
+class TrainBatches(Iterator[dict[str, np.ndarray]]):
+    """Endless (or `num_epochs`) full training batches of one host; see the module docstring for the order.
+
+    Attributes:
+        state: {'epoch', 'position', 'step'}: where the next batch starts (pass it as `start_state`).
+        report: the `SkipReport` of the current pass so far; `reports`: those of the finished passes.
+        host_indexes: the source indexes this host reads.
+    """
+
+    def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, seed: int, host_indexes: np.ndarray,
+                 shuffle: bool, num_epochs: int | None, fail_fast: bool, verbose: bool):
+        if len(host_indexes) == 0:
+            raise ValueError("this host's slice of the data is empty; use fewer processes or more data")
+        self.dataset = _source_dataset(data_source, spec)
+        self.spec, self.batch_size, self.seed = spec, batch_size, seed
+        self.host_indexes, self.shuffle, self.num_epochs = host_indexes, shuffle, num_epochs
+        self.fail_fast, self.verbose = fail_fast, verbose
+        self.epoch, self.position, self.step = 0, 0, 0
+        self.report = SkipReport()
+        self.reports: list[SkipReport] = []
+        self._order = self._epoch_order(0)
+
+    @property
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "step": self.step}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Continues from `state` (from `.state`); the current pass's report restarts empty."""
+        self.epoch, self.position, self.step = int(state["epoch"]), int(state["position"]), int(state["step"])
+        self._order = self._epoch_order(self.epoch)
+        self.report = SkipReport()
+
+    def skip_steps(self, steps: int) -> None:
+        """Moves past `steps` batches exactly as `next` would, without building them."""
+        for _ in range(steps):
+            try:
+                self._take_samples()
+            except StopIteration:
+                raise ValueError(f"cannot start at step {self.step + steps}: the {self.num_epochs} epoch(s) end "
+                                 f"after step {self.step}") from None
+            self.step += 1
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.host_indexes
+        return np.random.default_rng([self.seed, epoch]).permutation(self.host_indexes)
+
+    def _end_pass(self) -> None:
+        if self.verbose:
+            print(f"data pass {self.epoch}: {self.report}", file=sys.stderr, flush=True)
+        if self.report.total and self.report.kept == 0:
+            raise ValueError(f"no usable sample in a whole pass over this host's data:\n{self.report}")
+        self.reports.append(self.report)
+        self.report = SkipReport()
+        self.epoch += 1
+        self.position = 0
+        self._order = self._epoch_order(self.epoch)
+
+    def _take_samples(self) -> list[Sample]:
+        samples: list[Sample] = []
+        while len(samples) < self.batch_size:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                raise StopIteration
+            index = int(self._order[self.position])
+            result = self.dataset[index]
+            self.position += 1
+            self.report.total += 1
+            if isinstance(result, Sample):
+                samples.append(result)
+            elif self.fail_fast:
+                raise result
+            else:
+                self.report.add(result)
+            if self.position == len(self._order):
+                self._end_pass()
+        return samples
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        samples = self._take_samples()
+        self.step += 1
+        return collate(samples, self.spec)
+
+
+def make_vqa_dataset(
+    data_source: Any,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    *,
+    fraction: float = 1.0,
+    fraction_seed: int | None = None,
+    insert_retrieval: bool = False,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    start_state: Mapping[str, int] | None = None,
+    fail_fast: bool = False,
+    truncate: bool = False,
+    image_length: int = 1,
+    retrieval_length: int = 1,
+    pad_to_square: bool = False,
+    verbose: bool = True,
+) -> TrainBatches:
+    """Training batches of this host: an iterator of dicts of numpy arrays, each with `batch_size` rows.
+
+    Batch: pixels [B, H, W, 3] float32 (zeros for text-only samples); input_ids, labels, attention_mask [B, L]
+    int32 (right padded to `max_length`); image_index, retrieval_index, text_start [B] int32 (-1: none);
+    sample_index [B] int32, the record's row in `data_source` (the memory-bank id for leave-one-out).
+
+    Args:
+        data_source: random access records (`tfds.data_source(...)`, or any sequence of dicts).
+        image_size, mean, std: the vision tower's input (see `image_ops`).
+        max_length: L, counting `image_length` / `retrieval_length` positions per sentinel.
+        batch_size: rows per batch on this host.
+        seed: shuffling seed (epoch e uses (seed, e)); also the fraction seed unless `fraction_seed` is given.
+        fraction: share of the source to train on, chosen by `select_fraction`.
+        num_epochs: stop after this many passes (the last partial batch is not yielded); None runs forever.
+        process_index, process_count: this host and the number of hosts; default `jax.process_index()` /
+            `jax.process_count()`.
+        start_step: resume so that the first batch is the one an uninterrupted run yields at this step.
+        start_state: an iterator's `.state`, restored directly (no replay); overrides `start_step`.
+        fail_fast: raise the first bad sample's error instead of skipping and counting it.
+        truncate: cut over-long samples instead of skipping them (reason `too_long`).
+        pad_to_square: LLaVA's 'pad' aspect mode.
+        verbose: print each pass's `SkipReport` to stderr when the pass ends.
+    """
+    process_index, process_count = _jax_process(process_index, process_count)
+    spec = SampleSpec(tokenizer, template, image_size, tuple(mean), tuple(std), max_length, insert_retrieval,
+                      image_length, retrieval_length, pad_to_square, truncate)
+    selected = np.sort(select_fraction(len(data_source), fraction, seed if fraction_seed is None else fraction_seed))
+    iterator = TrainBatches(data_source, spec, batch_size, seed, host_slice(selected, process_index, process_count),
+                            shuffle, num_epochs, fail_fast, verbose)
+    if start_state is not None:
+        iterator.restore(start_state)
+    else:
+        iterator.skip_steps(start_step)
+    return iterator
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+class EvalBatches:
+    """Every usable sample of this host's slice exactly once, in source order, per iteration (a pass).
+
+    Each batch has the training keys plus `valid` [B] bool (False on the rows that pad the last batches),
+    `answer` and `question_type` [B] (str objects: remove them before sending the batch to devices). Every host
+    yields the same number of batches, ceil(largest host slice / batch_size), so that multi-host evaluation
+    steps stay in lockstep. Bad samples are counted in `report` (printed at the end of the pass), not yielded.
+
+    Padding rows repeat padding ids with attention on a single position (the first, or the last with left
+    padding), so the model computes finite values there; mask them with `valid`.
+    """
+
+    def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, host_indexes: np.ndarray,
+                 num_batches: int, for_generation: bool, fail_fast: bool, verbose: bool):
+        self.dataset = _source_dataset(data_source, spec, for_generation)
+        self.spec, self.batch_size, self.host_indexes = spec, batch_size, host_indexes
+        self.num_batches, self.for_generation = num_batches, for_generation
+        self.fail_fast, self.verbose = fail_fast, verbose
+        self.report = SkipReport()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.report = SkipReport()
+        samples: list[Sample] = []
+        yielded = 0
+        for index in self.host_indexes:
+            result = self.dataset[int(index)]
+            self.report.total += 1
+            if isinstance(result, Sample):
+                samples.append(result)
+            elif self.fail_fast:
+                raise result
+            else:
+                self.report.add(result)
+            if len(samples) == self.batch_size:
+                yield self._batch(samples)
+                yielded, samples = yielded + 1, []
+        while yielded < self.num_batches:
+            yield self._batch(samples)
+            yielded, samples = yielded + 1, []
+        if self.verbose:
+            print(f"evaluation pass: {self.report}", file=sys.stderr, flush=True)
+
+    def _batch(self, samples: list[Sample]) -> dict[str, np.ndarray]:
+        side = "left" if self.for_generation else "right"
+        pad_id = self.spec.tokenizer.pad_id
+        filler = Sample(-1, None, TokenizedExample([pad_id], [-100], -1, -1, -1, 0),
+                        blank_image(self.spec.image_size), "", "")
+        rows = samples + [filler] * (self.batch_size - len(samples))
+        batch = collate(rows, self.spec, side=side)
+        batch["valid"] = np.arange(self.batch_size) < len(samples)
+        batch["answer"] = np.asarray([row.answer for row in rows], dtype=object)
+        batch["question_type"] = np.asarray([row.question_type for row in rows], dtype=object)
+        return batch
+
+
+def make_eval_dataset(
+    data_source: Any,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_length: int,
+    batch_size: int,
+    *,
+    for_generation: bool = False,
+    fraction: float = 1.0,
+    fraction_seed: int = 0,
+    insert_retrieval: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    fail_fast: bool = False,
+    truncate: bool = False,
+    image_length: int = 1,
+    retrieval_length: int = 1,
+    pad_to_square: bool = False,
+    verbose: bool = True,
+) -> EvalBatches:
+    """Evaluation batches of this host (see `EvalBatches`); iterate it once per evaluation.
+
+    With `for_generation` the rows are prompts (the conversation up to its last answer, left padded, labels all
+    ignored) and `answer` holds the reference answer; otherwise rows are training-style (loss, perplexity).
+    Other arguments as in `make_vqa_dataset`.
+    """
+    process_index, process_count = _jax_process(process_index, process_count)
+    spec = SampleSpec(tokenizer, template, image_size, tuple(mean), tuple(std), max_length, insert_retrieval,
+                      image_length, retrieval_length, pad_to_square, truncate)
+    selected = np.sort(select_fraction(len(data_source), fraction, fraction_seed))
+    largest = len(np.array_split(selected, process_count)[0])
+    return EvalBatches(data_source, spec, batch_size, host_slice(selected, process_index, process_count),
+                       -(-largest // batch_size), for_generation, fail_fast, verbose)
