@@ -13,6 +13,7 @@ D head width, E embedding width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -62,28 +63,45 @@ def stack_specs(specs: PyTree, num_layers: int) -> PyTree:
 def init_params(specs: PyTree, key: jax.Array, dtype: Any = jnp.float32) -> PyTree:
     """Draws parameters for a pytree of `ParamSpec`s; each leaf gets its own fold of `key`.
 
-    All draws run in one jitted program: drawing leaf by leaf compiles one random kernel per distinct shape,
-    which costs seconds per model on CPU.
+    All draws run in one jitted program, cached per list of specs: drawing leaf by leaf compiles one random
+    kernel per distinct shape, which costs seconds per model on CPU.
     """
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    for spec in leaves:
+        if spec.init not in _INITIALISERS:
+            raise ValueError(f"unknown initialiser {spec.init!r} (expected one of {sorted(_INITIALISERS)})")
+    draw = _jitted_draw(tuple((s.shape, s.init, s.scale) for s in leaves), jnp.dtype(dtype).name)
+    return jax.tree.unflatten(treedef, draw(key))
+
+
+_INITIALISERS = ("normal", "uniform", "zeros", "ones")
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_draw(leaf_specs: tuple, dtype_name: str) -> Callable[[jax.Array], list[jax.Array]]:
+    """One program drawing every leaf: a single flat normal and a single flat uniform draw, sliced per leaf.
+
+    One random kernel per distribution instead of one per shape keeps the compile to about a second.
+    """
+    sizes = [int(np.prod(shape)) for shape, _, _ in leaf_specs]
 
     def draw(key):
-        keys = jax.random.split(key, max(len(leaves), 1))
+        normal_key, uniform_key = jax.random.split(key)
+        total = {kind: sum(n for n, (_, init, _) in zip(sizes, leaf_specs) if init == kind) for kind in _INITIALISERS}
+        flat = {"normal": jax.random.normal(normal_key, (total["normal"],), jnp.float32),
+                "uniform": jax.random.uniform(uniform_key, (total["uniform"],), jnp.float32, -1.0, 1.0)}
+        offsets = {"normal": 0, "uniform": 0}
         arrays = []
-        for leaf_key, spec in zip(keys, leaves):
-            if spec.init == "normal":
-                arrays.append(spec.scale * jax.random.normal(leaf_key, spec.shape, jnp.float32))
-            elif spec.init == "uniform":
-                arrays.append(jax.random.uniform(leaf_key, spec.shape, jnp.float32, -spec.scale, spec.scale))
-            elif spec.init == "zeros":
-                arrays.append(jnp.zeros(spec.shape, jnp.float32))
-            elif spec.init == "ones":
-                arrays.append(jnp.ones(spec.shape, jnp.float32))
+        for size, (shape, init, scale) in zip(sizes, leaf_specs):
+            if init in flat:
+                values = flat[init][offsets[init]:offsets[init] + size].reshape(shape) * scale
+                offsets[init] += size
             else:
-                raise ValueError(f"unknown initialiser {spec.init!r} (expected normal, uniform, zeros or ones)")
-        return [a.astype(dtype) for a in arrays]
+                values = (jnp.zeros if init == "zeros" else jnp.ones)(shape, jnp.float32)
+            arrays.append(values.astype(dtype_name))
+        return arrays
 
-    return jax.tree.unflatten(treedef, jax.jit(draw)(key))
+    return jax.jit(draw)
 
 
 def logical_axes(specs: PyTree) -> PyTree:
