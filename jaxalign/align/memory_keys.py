@@ -1,0 +1,189 @@
+"""Memory keys and values for TinyAlign, made with the frozen encoders of the model itself.
+
+A retrieval only helps when the query of a sample and the keys of the bank live in the same space, so the same
+function makes both: `retrieval_key` is called on a training batch inside the jitted step (the query) and on the
+memory source when the bank is built (the keys).
+
+**Default mode** (`default_key`), the fixed recipe:
+  key = unit(concat(w_img * unit(mean of the frozen vision features), w_txt * unit(mean of the LM input
+  embeddings of the prompt text))), width = vision width + LM width.
+Why: the vision tower is frozen in every stage, so the image half of a key never goes stale, and the prompt half
+uses the LM's own input embeddings (frozen in stage 1; in stage 2 they move at the small stage-2 learning rate,
+so keys built at the start of the stage stay close). The connector is *not* used: it is being trained, and keys
+built through it at bank-build time would drift away from the queries. Padding, answer tokens and the
+image / retrieval markers are masked out of the text half (`query.prompt_text_mask`), so a query never depends
+on the answer it is meant to help produce. The mean is used rather than the softmax pooling of the official
+code: with unit rows that softmax is nearly uniform anyway (see `query.py`), and the mean costs O(n) not O(n^2).
+
+**Faithful mode** (`faithful_key`): the official pooling (`query.faithful_query`) over the connector outputs and
+the LM embeddings of the whole text from `text_start` on (padding and answer included). Keys are built with the
+connector as it is when the bank is built, so they drift from the queries as the connector trains: that is the
+official behaviour (its keys come from another model altogether) and is kept on purpose.
+
+**Values.** Default mode: the token ids of the entry's answer (stage 2) or caption (stage 1), i.e. its labelled
+tokens, padded with `VALUE_PAD_ID` to `value_length`; the model embeds them with the LM's own embedding table
+and maps them with the retrieval connector (see `value_encoders.py` for why). Faithful mode: the 32 x 96 latents
+of the seeded random Perceiver over the entry's pixels and caption bytes.
+
+Public API:
+  default_key(vision_features [B,N,Ev], text_embeddings [B,L,d], text_mask [B,L], image_weight, text_weight)
+      -> [B, Ev + d] (the query and key function of the default mode; the model's `retrieval_key` calls it)
+  answer_token_values(labels [B,L], value_length) -> [B, value_length] int32 (host, NumPy)
+  memory_batches(batches, tokenizer, value_kind, value_length=0, perceiver_bytes=0) -> host batches for the bank
+  memory_fingerprint(params, cfg, source, extra=None) -> str
+  build_bank(encode, batches, mesh, metric='cosine', total=None, progress=True) -> MemoryBank (ids: sample_index)
+  load_or_build_bank(directory, fingerprint, build, mesh, extra=None) -> (MemoryBank, info)
+  RetrievalMemory(bank, permutation, num_rows); RetrievalMemory.create(bank, shuffle_seed=None)
+  own_rows(bank, sample_ids [B]) -> [B] storage rows of the samples' own entries (-1: absent)
+The key encoder itself is `jaxalign.align.model.make_bank_encoder` (it needs the model's parts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxalign.align import value_encoders
+from jaxalign.data.chat_templates import IGNORE_LABEL
+from jaxalign.memory import bank as bank_lib
+from jaxalign.memory import build as build_lib
+from jaxalign.memory import store
+
+PyTree = Any
+log = logging.getLogger(__name__)
+_EPS = 1e-12
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+
+
+def default_key(vision_features: jax.Array, text_embeddings: jax.Array, text_mask: jax.Array,
+                image_weight: float = 0.4, text_weight: float = 0.6) -> jax.Array:
+    """Default-mode key / query of a batch (see the module docstring); float32 unit rows, no gradient.
+
+    Args:
+      vision_features: [B, N, Ev] frozen vision-tower features.
+      text_embeddings: [B, L, d] LM input embeddings of the text.
+      text_mask: [B, L] bool, True on prompt text tokens (no padding, answer or markers). A row without any
+        prompt token (caption pretraining) gets a zero text half: its key is its image half.
+    Returns:
+      [B, Ev + d] float32.
+    """
+    image = _unit(jnp.mean(vision_features.astype(jnp.float32), axis=1))
+    mask = text_mask.astype(jnp.float32)[:, :, None]
+    text_sum = jnp.sum(text_embeddings.astype(jnp.float32) * mask, axis=1)
+    text = _unit(text_sum / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    return jax.lax.stop_gradient(_unit(jnp.concatenate([image_weight * image, text_weight * text], axis=-1)))
+
+
+def answer_token_values(labels: np.ndarray, value_length: int) -> np.ndarray:
+    """Each row's labelled (answer / caption) token ids, in order, cut or padded (`VALUE_PAD_ID`) to
+    `value_length`: [B, value_length] int32."""
+    labels = np.asarray(labels)
+    rows = [row[row != IGNORE_LABEL] for row in labels]
+    return value_encoders.caption_token_values(rows, value_length)
+
+
+def memory_batches(batches: Iterable[dict], tokenizer: Any, value_kind: str, value_length: int = 0,
+                   perceiver_bytes: int = 0) -> Iterator[dict]:
+    """Host batches for building a bank from `EvalBatches` (training-style rows, `for_generation=False`).
+
+    Keeps only the valid rows, drops the string fields, and adds what the values need: 'value_tokens'
+    [b, value_length] (value_kind 'tokens') or 'value_bytes' / 'value_byte_mask' [b, perceiver_bytes] of the
+    decoded answer text (value_kind 'latents', the faithful Perceiver's input).
+    """
+    for batch in batches:
+        valid = np.asarray(batch["valid"], bool)
+        if not valid.any():
+            continue
+        rows = {name: np.asarray(value)[valid] for name, value in batch.items()
+                if name not in ("answer", "question_type", "valid")}
+        if value_kind == "tokens":
+            rows["value_tokens"] = answer_token_values(rows["labels"], value_length)
+        else:
+            texts = [tokenizer.decode(row[row != IGNORE_LABEL]) for row in rows["labels"]]
+            rows["value_bytes"], rows["value_byte_mask"] = value_encoders.caption_bytes(texts, perceiver_bytes)
+        yield rows
+
+
+def memory_fingerprint(params: PyTree, cfg: Any, source: str, extra: dict | None = None) -> str:
+    """Fingerprint of everything a bank's keys and values depend on: the frozen vision tower, the LM embedding
+    table, (faithful mode) the connector, the mode and sizes, and the data source."""
+    encoders = {"vision": params["vision"], "lm_embedding": params["lm"]["embed"]["embedding"]}
+    if cfg.query.mode == "faithful":
+        encoders["connector"] = params["connector"]
+    description = {"mode": cfg.query.mode, "value_kind": cfg.value_kind, "value_length": cfg.value_length,
+                   "vision_layer": cfg.vision_layer, "drop_first_vision_token": cfg.drop_first_vision_token,
+                   "weights": [cfg.query.image_weight, cfg.query.text_weight], "source": source, **(extra or {})}
+    return store.encoder_fingerprint("tinyalign-memory", encoders, description)
+
+
+def load_or_build_bank(directory: str, fingerprint: str, build: Callable[[], bank_lib.MemoryBank], mesh: Mesh,
+                       extra: dict | None = None) -> tuple[bank_lib.MemoryBank, dict]:
+    """The bank saved in `directory` when its fingerprint matches, else a new one from `build()`, saved there.
+
+    Returns (bank, info) with info {'path', 'reused', 'count', 'key_dim'}.
+    """
+    manifest_path = os.path.join(directory, store.MANIFEST)
+    if os.path.isfile(manifest_path):
+        manifest = store.read_manifest(directory)
+        if manifest["encoder_fingerprint"] == fingerprint:
+            bank = store.load_bank(directory, mesh=mesh, fingerprint=fingerprint)
+            log.info("reusing the memory bank in %s (%d rows)", directory, manifest["count"])
+            return bank, {"path": directory, "reused": True, "count": int(manifest["count"]),
+                          "key_dim": int(manifest["key_dim"])}
+        log.info("the memory bank in %s was built with other encoders or data (%s); rebuilding it", directory,
+                 manifest["encoder_fingerprint"])
+    bank = build()
+    store.save_bank(bank, directory, fingerprint=fingerprint, extra=extra)
+    return bank, {"path": directory, "reused": False, "count": bank.size, "key_dim": bank.key_dim}
+
+
+def build_bank(encode: Callable[[dict], tuple[jax.Array, dict]], batches: Iterable[dict], mesh: Mesh,
+               metric: str = "cosine", total: int | None = None, progress: bool = True) -> bank_lib.MemoryBank:
+    """Encodes host batches (from `memory_batches`, each host its own slice) into a sharded bank; ids are the
+    records' `sample_index`."""
+    keys, values, ids = build_lib.encode_dataset(batches, encode, ids_field="sample_index",
+                                                 split_across_hosts=jax.process_count() == 1,
+                                                 progress=progress, total=total)
+    return bank_lib.MemoryBank.from_arrays(keys, values, ids, metric=metric, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalMemory:
+    """What the model searches: the bank, the fixed row permutation of the 'shuffled' control, and the number of
+    real rows (static). A pytree, so it is an ordinary argument of the jitted step."""
+
+    bank: bank_lib.MemoryBank
+    permutation: jax.Array | None
+    num_rows: int
+
+    @classmethod
+    def create(cls, bank: bank_lib.MemoryBank, shuffle_seed: int | None = None) -> "RetrievalMemory":
+        """Wraps `bank`; with `shuffle_seed` the 'shuffled' control's permutation of its rows is drawn once."""
+        from jaxalign.align import controls
+
+        count = bank.size
+        permutation = None
+        if shuffle_seed is not None:
+            permutation = jax.device_put(controls.shuffle_permutation(count, shuffle_seed),
+                                         jax.sharding.NamedSharding(bank.mesh, jax.sharding.PartitionSpec()))
+        return cls(bank=bank, permutation=permutation, num_rows=count)
+
+
+jax.tree_util.register_dataclass(RetrievalMemory, data_fields=["bank", "permutation"], meta_fields=["num_rows"])
+
+
+def own_rows(bank: bank_lib.MemoryBank, sample_ids: jax.Array) -> jax.Array:
+    """[B] storage row of each sample's own entry (ids are stored in increasing order), -1 when absent."""
+    ids = jnp.where(bank.ids < 0, jnp.iinfo(jnp.int32).max, bank.ids)
+    position = jnp.clip(jnp.searchsorted(ids, sample_ids.astype(jnp.int32)), 0, ids.shape[0] - 1)
+    return jnp.where(ids[position] == sample_ids, position, -1).astype(jnp.int32)

@@ -1,0 +1,310 @@
+"""The TinyAlign vision-language model: frozen vision tower, connector, retrieval, splice, language model.
+
+Parameters are namespaced like big_vision's VLMs: {'vision': ..., 'connector': ..., 'retrieval_connector': ...,
+'lm': ...}. One alignment step (ARCHITECTURE.md, "Data flow of one alignment step") is one pure function:
+
+    pixels ──vision (frozen, stop-gradient)──► features ──connector──► image tokens ───────────────┐
+    input_ids (sentinels -> pad) ──LM embedding──► text embeddings ────────────────────────────────┤
+    query = retrieval_key(features | image tokens, text embeddings)      (stop-gradient)           │
+    memory.search(query, k, exclude_ids = own id in training) ──► rows ──control──► values ────────┤
+    values ──(token ids: LM embedding)──retrieval connector──► retrieved tokens ───────────────────┤
+    splice [prefix][image tokens][retrieved tokens][rest] ──► LM ──► hidden states ──► CE on answers
+
+Modes (`TinyAlignConfig.query.mode`):
+- 'default': keys and queries from the frozen encoders (`memory_keys.default_key`), token-id values of the
+  neighbours' answers / captions embedded with the LM's own table, leave-one-out in training.
+- 'faithful': the official recipe: softmax-mean query over connector outputs and all text from `text_start`
+  (padding and answers included), Perceiver latent values, no leave-one-out (a sample can retrieve itself).
+Control 'off' is the TinyLLaVA baseline: no search and no retrieved tokens at all.
+
+Public API:
+  TinyAlignConfig
+  init(cfg, key) -> params;  init_connectors(cfg, key) -> {'connector', 'retrieval_connector'}
+  logical_axes(cfg) -> PartitionSpecs of params
+  image_features(params, cfg, pixels) -> [B, N, Ev];  image_tokens(params, cfg, features) -> [B, Ni, d]
+  retrieval_key(params, cfg, batch, features, image_tokens, text_embeddings) -> [B, key_dim]
+  build_lm_inputs(params, cfg, batch, memory, train, padding_side='right') -> (SplicedInputs, aux)
+  vlm_forward(params, cfg, batch, memory, rng, train) -> (hidden [B, L, E], labels [B, L], aux)
+  make_bank_encoder(cfg, perceiver_cfg=None) -> encode(params, perceiver_params, batch) -> (keys, values)
+  numpy_batch(batch) -> the array fields of a pipeline batch
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.align import controls, memory_keys, query as query_lib, splice, value_encoders
+from jaxalign.align.controls import RetrievalControl
+from jaxalign.align.query import QueryConfig
+from jaxalign.models import connector, decoder, vit
+from jaxalign.models.connector import ConnectorConfig
+from jaxalign.models.decoder import DecoderConfig
+from jaxalign.models.vit import VisionConfig
+
+PyTree = Any
+VALUE_KINDS = ("tokens", "latents")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyAlignConfig:
+    """The whole model; hashable, so it is a static argument of `jax.jit`.
+
+    Attributes:
+      vision, lm, connector, retrieval_connector: the parts (connector: vision width -> LM width; retrieval
+        connector: value width -> LM width, i.e. LM width -> LM width for token values, 96 -> LM width for the
+        faithful latents).
+      query: query mode ('default' | 'faithful') and the image / text weights.
+      control: 'real' | 'shuffled' | 'constant' | 'off' (see `controls.py`).
+      value_kind: 'tokens' (token ids embedded by the LM) or 'latents' (float [P, w] values, e.g. Perceiver).
+      value_length: tokens per value (token values) or latents per value (32 for the Perceiver).
+      k: neighbours per sample.
+      leave_one_out: in training, a sample may not retrieve its own entry (the default mode; faithful: False).
+      vision_layer: which vision layer feeds the connector (Hugging Face hidden_states indexing; -2 as LLaVA).
+      drop_first_vision_token: drop feature token 0 (the official code's inherited CLIP class-token bug, which
+        with SigLIP drops a real patch); True in faithful mode.
+      search_method: memory search method ('exact' | 'binned' | 'approx' | 'auto').
+      max_length: LM sequence length after splicing (the data pipeline counts the expanded sentinels).
+      loss_chunk_size: vocabulary columns per chunk of the cross-entropy.
+    """
+
+    vision: VisionConfig
+    lm: DecoderConfig
+    connector: ConnectorConfig
+    retrieval_connector: ConnectorConfig
+    query: QueryConfig = QueryConfig()
+    control: RetrievalControl = RetrievalControl()
+    value_kind: str = "tokens"
+    value_length: int = 8
+    k: int = 3
+    leave_one_out: bool = True
+    vision_layer: int = -2
+    drop_first_vision_token: bool = False
+    search_method: str = "exact"
+    max_length: int = 512
+    loss_chunk_size: int = 8192
+
+    def __post_init__(self):
+        if self.value_kind not in VALUE_KINDS:
+            raise ValueError(f"TinyAlignConfig.value_kind={self.value_kind!r}; expected one of {VALUE_KINDS}")
+        if self.connector.in_dim != self.vision.hidden_size or self.connector.out_dim != self.lm.hidden_size:
+            raise ValueError(f"the connector maps {self.connector.in_dim} -> {self.connector.out_dim}, but the "
+                             f"vision width is {self.vision.hidden_size} and the LM width {self.lm.hidden_size}")
+        if self.retrieval_connector.out_dim != self.lm.hidden_size:
+            raise ValueError(f"retrieval_connector.out_dim={self.retrieval_connector.out_dim} must be the LM width "
+                             f"{self.lm.hidden_size}")
+        if self.value_kind == "tokens" and self.retrieval_connector.in_dim != self.lm.hidden_size:
+            raise ValueError("token values are embedded with the LM table, so retrieval_connector.in_dim must be "
+                             f"the LM width {self.lm.hidden_size}, got {self.retrieval_connector.in_dim}")
+        if self.k < 1 or self.value_length < 1:
+            raise ValueError(f"k={self.k} and value_length={self.value_length} must be >= 1")
+
+    @property
+    def retrieval(self) -> bool:
+        """False for the TinyLLaVA baseline (control 'off')."""
+        return controls.retrieval_enabled(self.control)
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return self.vision.num_patches - int(self.drop_first_vision_token)  # a CLIP class token is always dropped
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens spliced per sample (what the pipeline's `image_length` must be)."""
+        return self.connector.num_output_tokens(self.num_vision_tokens)
+
+    @property
+    def num_retrieved_tokens(self) -> int:
+        """Retrieved tokens spliced per sample at most (the pipeline's `retrieval_length`); 0 when off."""
+        if not self.retrieval:
+            return 0
+        return self.retrieval_connector.num_output_tokens(self.k * self.value_length)
+
+    @property
+    def key_dim(self) -> int:
+        if self.query.mode == "faithful":
+            return self.lm.hidden_size
+        return self.vision.hidden_size + self.lm.hidden_size
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+def init_connectors(cfg: TinyAlignConfig, key: jax.Array, identity_retrieval: bool = False) -> dict:
+    """Random connector and retrieval-connector parameters.
+
+    With `identity_retrieval` and a square 'linear' retrieval connector (token values), the retrieval connector
+    starts as the identity: the LM then reads the neighbours' tokens exactly as its own embeddings from step 0,
+    instead of learning that map from a random projection.
+    """
+    connector_key, retrieval_key_ = jax.random.split(key)
+    params = {"connector": connector.init(cfg.connector, connector_key),
+              "retrieval_connector": connector.init(cfg.retrieval_connector, retrieval_key_)}
+    rc = cfg.retrieval_connector
+    if identity_retrieval:
+        if rc.kind != "linear" or rc.in_dim != rc.out_dim:
+            raise ValueError("identity_retrieval needs a square 'linear' retrieval connector, got "
+                             f"{rc.kind} {rc.in_dim} -> {rc.out_dim}")
+        params["retrieval_connector"]["dense_0"] = {"kernel": jnp.eye(rc.in_dim, dtype=jnp.float32),
+                                                    "bias": jnp.zeros((rc.out_dim,), jnp.float32)}
+    return params
+
+
+def init(cfg: TinyAlignConfig, key: jax.Array, identity_retrieval: bool = False) -> dict:
+    """Random parameters of every part (tests and tiny runs; real towers come from `jaxalign.io`)."""
+    vision_key, lm_key, connector_key = jax.random.split(key, 3)
+    return {"vision": vit.init(cfg.vision, vision_key), "lm": decoder.init(cfg.lm, lm_key),
+            **init_connectors(cfg, connector_key, identity_retrieval)}
+
+
+def logical_axes(cfg: TinyAlignConfig) -> dict:
+    return {"vision": vit.logical_axes(cfg.vision), "connector": connector.logical_axes(cfg.connector),
+            "retrieval_connector": connector.logical_axes(cfg.retrieval_connector),
+            "lm": decoder.logical_axes(cfg.lm)}
+
+
+# -------------------------------------------------------------------------------------------------- parts
+def image_features(params: dict, cfg: TinyAlignConfig, pixels: jax.Array) -> jax.Array:
+    """Frozen vision features [B, N, Ev] of pixels [B, H, W, C]; no gradient flows into the tower."""
+    features = vit.encode(params["vision"], cfg.vision, pixels, layer=cfg.vision_layer,
+                          drop_class_token=True).hidden_states
+    if cfg.drop_first_vision_token:
+        features = features[:, 1:]
+    return jax.lax.stop_gradient(features)
+
+
+def image_tokens(params: dict, cfg: TinyAlignConfig, features: jax.Array) -> jax.Array:
+    """Connector outputs [B, Ni, d]: the image as LM input tokens."""
+    return connector.apply(params["connector"], cfg.connector, features)
+
+
+def text_embeddings(params: dict, cfg: TinyAlignConfig, input_ids: jax.Array) -> jax.Array:
+    """LM input embeddings [B, L, d]; sentinel ids (negative) are embedded as id 0 (the splice drops them)."""
+    return decoder.embed(params["lm"], cfg.lm, splice.replace_sentinels(input_ids, 0))
+
+
+def retrieval_key(params: dict, cfg: TinyAlignConfig, batch: dict, features: jax.Array, tokens: jax.Array,
+                  embeddings: jax.Array) -> jax.Array:
+    """The query of a batch, which is also how the bank's keys are made ([B, key_dim] unit float32)."""
+    query_cfg = cfg.query
+    if query_cfg.mode == "faithful":
+        start = jnp.where(batch["text_start"] >= 0, batch["text_start"], query_cfg.text_start)
+        return query_lib.faithful_query(tokens, embeddings, start, query_cfg.image_weight, query_cfg.text_weight)
+    text_mask = query_lib.prompt_text_mask(batch["attention_mask"], batch["labels"], batch["input_ids"])
+    return memory_keys.default_key(features, embeddings, text_mask, query_cfg.image_weight, query_cfg.text_weight)
+
+
+def _retrieve(params: dict, cfg: TinyAlignConfig, memory: memory_keys.RetrievalMemory, query: jax.Array,
+              sample_ids: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, dict]:
+    """Search, control and value mapping: retrieved tokens [B, Nr, d], their mask [B, Nr] and search info."""
+    bank = memory.bank
+    exclude = sample_ids if (train and cfg.leave_one_out) else None
+    result = bank.search(query, cfg.k, method=cfg.search_method, exclude_ids=exclude, with_values=False)
+    found = result.rows >= 0                                                   # [B, k]
+    if cfg.control.kind == "real":
+        value_rows = result.rows
+    else:
+        own = memory_keys.own_rows(bank, sample_ids) if exclude is not None else None
+        value_rows = controls.controlled_value_ids(cfg.control, jnp.where(found, result.rows, 0), memory.num_rows,
+                                                   memory.permutation, own)
+    value_rows = jnp.where(found, value_rows, -1)
+    values = bank.gather_values(value_rows)
+    if cfg.value_kind == "tokens":
+        ids = jnp.where(found[:, :, None], values["tokens"], value_encoders.VALUE_PAD_ID)
+        embed = functools.partial(decoder.embed, params["lm"], cfg.lm)
+        raw, mask = value_encoders.retrieved_tokens_from_ids(embed, ids)
+    else:
+        raw = value_encoders.flatten_retrieved(values["latents"])
+        mask = jnp.repeat(found, values["latents"].shape[2], axis=1)
+    tokens = connector.apply(params["retrieval_connector"], cfg.retrieval_connector, raw, mask)
+    if cfg.retrieval_connector.kind == "resampler":
+        mask = jnp.ones(tokens.shape[:2], bool)
+    value_ids = jnp.where(value_rows >= 0, bank.ids[jnp.clip(value_rows, 0)], -1)
+    return tokens, mask, {"retrieved_ids": result.ids, "value_ids": value_ids, "scores": result.scores}
+
+
+def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: memory_keys.RetrievalMemory | None,
+                    train: bool, padding_side: str = "right") -> tuple[splice.SplicedInputs, dict]:
+    """Everything before the LM: image tokens, query, retrieval and the splice.
+
+    Args:
+      params: {'vision', 'connector', 'retrieval_connector', 'lm'}.
+      cfg: the model.
+      batch: pixels [B, H, W, C]; input_ids, labels, attention_mask [B, L]; image_index, retrieval_index,
+        text_start, sample_index [B] (the pipeline's batch).
+      memory: the bank (ignored, may be None, when retrieval is off).
+      train: leave-one-out applies only in training (evaluation samples are not in the bank).
+      padding_side: 'right' for training, 'left' for generation prompts.
+    Returns:
+      (SplicedInputs of length cfg.max_length, aux) with aux {'query', 'retrieved_ids', 'value_ids', 'scores'}
+      (retrieval fields only when retrieval is on).
+    """
+    features = image_features(params, cfg, batch["pixels"])
+    tokens = image_tokens(params, cfg, features)
+    embeddings = text_embeddings(params, cfg, batch["input_ids"])
+    aux: dict = {}
+    retrieved = retrieved_mask = None
+    if cfg.retrieval:
+        if memory is None:
+            raise ValueError(f"retrieval control {cfg.control.kind!r} needs a memory bank; pass memory=...")
+        query = retrieval_key(params, cfg, batch, features, tokens, embeddings)
+        retrieved, retrieved_mask, info = _retrieve(params, cfg, memory, query, batch["sample_index"], train)
+        aux.update(info, query=query)
+    spliced = splice.splice_inputs(embeddings, batch["attention_mask"], batch["labels"], batch["image_index"],
+                                   tokens, retrieved, retrieved_mask, batch["retrieval_index"],
+                                   max_length=cfg.max_length, padding_side=padding_side)
+    return spliced, aux
+
+
+def vlm_forward(params: dict, cfg: TinyAlignConfig, batch: dict, memory: memory_keys.RetrievalMemory | None,
+                rng: jax.Array | None, train: bool) -> tuple[jax.Array, jax.Array, dict]:
+    """One forward pass of the VLM up to the LM's final hidden states (jit-able as one function).
+
+    Args:
+      params, cfg, batch, memory, train: see `build_lm_inputs`.
+      rng: unused by the current model (it has no dropout); kept so that stochastic parts need no new signature.
+    Returns:
+      hidden [B, L, E] final-normed LM hidden states; labels [B, L] (not shifted; -100 on prompt, image,
+      retrieved and padding positions); aux: `build_lm_inputs`'s plus 'token_kind', 'attention_mask',
+      'positions' [B, L].
+    """
+    del rng
+    spliced, aux = build_lm_inputs(params, cfg, batch, memory, train)
+    out = decoder.forward(params["lm"], cfg.lm, inputs_embeds=spliced.inputs_embeds,
+                          attention_mask=spliced.attention_mask, positions=spliced.positions, return_hidden=True,
+                          compute_logits=False)
+    aux.update(token_kind=spliced.token_kind, attention_mask=spliced.attention_mask, positions=spliced.positions)
+    return out.hidden, spliced.labels, aux
+
+
+# ----------------------------------------------------------------------------------------------- the bank
+def make_bank_encoder(cfg: TinyAlignConfig, perceiver_cfg: value_encoders.PerceiverValueConfig | None = None):
+    """`encode(params, perceiver_params, batch) -> (keys [b, key_dim], values)` for `memory_keys.build_bank`.
+
+    Keys come from `retrieval_key`, the very function that makes the queries. Values: {'tokens': [b, Lv]}
+    (from the batch's 'value_tokens') or {'latents': [b, P, w]} (faithful Perceiver over pixels and bytes).
+    """
+    def encode(params: dict, perceiver_params: dict | None, batch: dict):
+        features = image_features(params, cfg, batch["pixels"])
+        tokens = image_tokens(params, cfg, features)
+        embeddings = text_embeddings(params, cfg, batch["input_ids"])
+        keys = retrieval_key(params, cfg, batch, features, tokens, embeddings)
+        if cfg.value_kind == "tokens":
+            return keys, {"tokens": batch["value_tokens"]}
+        latents = value_encoders.perceiver_values(perceiver_params, perceiver_cfg, batch["pixels"],
+                                                  batch["value_bytes"], batch["value_byte_mask"])
+        return keys, {"latents": latents}
+    return encode
+
+
+def sample_ids_equal(retrieved_ids: jax.Array, sample_ids: jax.Array) -> jax.Array:
+    """[B, k] bool: where a retrieved id is the sample's own id (leave-one-out must make this all False)."""
+    return retrieved_ids == sample_ids[:, None]
+
+
+def numpy_batch(batch: dict) -> dict:
+    """The array fields of a pipeline batch (string fields such as 'answer' removed), as NumPy."""
+    return {name: np.asarray(value) for name, value in batch.items()
+            if name not in ("answer", "question_type") and np.asarray(value).dtype != object}

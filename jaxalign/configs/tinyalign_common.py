@@ -1,0 +1,104 @@
+"""Defaults shared by the TinyAlign configs (`tinyalign_tiny.py`, `tinyalign_qwen2.py`,
+`tinyalign_phi2_faithful.py`); not a config itself. Every field is documented here once."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a TinyAlign run reads (`jaxalign.align.trainer`), with neutral defaults."""
+    c = ml_collections.ConfigDict()
+    c.stage = 1                    # 1: connectors only; 2: connectors + LM (train.trainable overrides)
+    c.seed = 0                     # connector init, data order and the step keys
+    c.mesh = (-1, 1, 1)            # (data, fsdp, tensor); -1 takes the remaining devices
+    c.progress = True              # progress bars (shown only on a terminal)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.source = "hf"          # 'hf': local Hugging Face folders; 'random': tiny random towers
+    c.model.vision_folder = ""     # SigLIP / CLIP snapshot folder (source 'hf')
+    c.model.lm_folder = ""         # LM snapshot folder with tokenizer.json (source 'hf')
+    c.model.random_seed = 0        # source 'random': seed of the towers (kept across stages)
+    c.model.random_vision = ml_collections.ConfigDict(dict(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))
+    c.model.random_lm = ml_collections.ConfigDict(dict(
+        family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2))
+    c.model.dtype = "float32"      # compute dtype: 'float32' or 'bfloat16'
+    c.model.vision_layer = -2      # vision features fed to the connector (Hugging Face hidden_states index)
+    c.model.drop_first_vision_token = False
+    c.model.connector = "mlp2x_gelu"            # 'linear', 'mlp{N}x_gelu' or 'resampler'
+    c.model.resampler_latents = 64
+    c.model.resampler_heads = 8
+    c.model.retrieval_connector = "linear"      # token values: 'linear' (identity init) or 'mlp2x_gelu'
+    c.model.identity_retrieval_init = True      # start the linear retrieval connector as the identity
+    c.model.max_length = 512       # LM sequence length after splicing image and retrieved tokens
+    c.model.loss_chunk_size = 8192
+    c.model.init_from = ""         # a previous stage's workdir: its trained params initialise this run
+
+    c.retrieval = ml_collections.ConfigDict()
+    c.retrieval.control = "real"   # 'real', 'shuffled', 'constant' or 'off' (TinyLLaVA baseline)
+    c.retrieval.mode = "default"   # 'default' (fixed recipe) or 'faithful' (official code)
+    c.retrieval.k = 3
+    c.retrieval.value_length = 8   # default mode: answer / caption tokens per value
+    c.retrieval.leave_one_out = True
+    c.retrieval.image_weight = 0.4
+    c.retrieval.text_weight = 0.6
+    c.retrieval.text_start = 35    # faithful mode: fallback query text start (measured per sample otherwise)
+    c.retrieval.search_method = "exact"
+    c.retrieval.shuffle_seed = 0
+    c.retrieval.constant_row = 0
+    c.retrieval.memory_dir = ""    # default: <workdir>/memory; share one bank between runs by naming it
+    c.retrieval.build_batch_size = 32
+    c.retrieval.perceiver = ml_collections.ConfigDict(dict(
+        num_latents=32, latent_dim=96, num_self_layers=8, max_text_bytes=512, seed=0))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "llava"          # 'easy_vqa' or 'llava'
+    c.data.data_dir = ""           # tfds data directory (easy_vqa: default ~/.cache/jaxalign/tfds)
+    c.data.train_config = "captions"  # easy_vqa: 'captions' (stage 1) or 'questions' (stage 2)
+    c.data.train_split = "train"
+    c.data.eval_config = "questions"
+    c.data.memory_config = ""      # easy_vqa: config the bank is built from ('' = the training data)
+    c.data.eval_split = "test"
+    c.data.manual_dir = ""         # llava: folder with the JSON files and images
+    c.data.image_root = ""         # llava: image paths are relative to manual_dir/image_root
+    c.data.train_json = "blip_laion_cc_sbu_558k.json"
+    c.data.train_name = "train"    # llava: tfds config name of the training JSON
+    c.data.eval_json = "eval.json"
+    c.data.eval_name = "eval"
+    c.data.eval_image_root = ""
+    c.data.memory_json = ""        # llava: JSON the bank is built from ('' = the training data); leave-one-out
+    c.data.memory_name = "memory"  #   applies only when the bank is built from the training data itself
+    c.data.memory_image_root = ""
+    c.data.template = "plain"      # chat template (jaxalign.data.chat_templates.TEMPLATES)
+    c.data.insert_retrieval = True  # put the <rag> sentinel after <image> (retrieval runs only)
+    c.data.fraction = 1.0          # share of the training data (the memory bank uses the same share)
+    c.data.fraction_seed = 0
+    c.data.truncate = False        # cut over-long samples instead of skipping (and reporting) them
+    c.data.pad_to_square = False
+    c.data.fail_fast = False       # raise at the first bad sample instead of skipping and reporting it
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32        # global batch
+    c.train.total_steps = 0        # 0: num_epochs over the selected data
+    c.train.num_epochs = 1.0
+    c.train.learning_rate = 1e-3
+    c.train.warmup_ratio = 0.03
+    c.train.end_lr_ratio = 0.0
+    c.train.weight_decay = 0.0
+    c.train.clip_norm = 1.0
+    c.train.accum_steps = 1
+    c.train.trainable = ()         # empty: the stage's default parts
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 0         # 0: evaluate at the end only
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = True
+    c.eval.loss = True
+    c.eval.vqa = True
+    c.eval.batch_size = 32
+    c.eval.max_batches = 0         # 0: the whole eval set
+    c.eval.max_new_tokens = 8
+    c.eval.fraction = 1.0
+    return c

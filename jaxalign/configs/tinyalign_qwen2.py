@@ -1,0 +1,67 @@
+"""TinyAlign, default (fixed) mode: SigLIP-so400m/14-384 + Qwen2-0.5B, LLaVA-format data, local folders only.
+
+Stage 1 (LLaVA-Pretrain captions; connector and retrieval connector train), then stage 2 (LLaVA-v1.5 mix;
+connectors and LM train) from the stage-1 run:
+
+    jaxalign train --config jaxalign/configs/tinyalign_qwen2.py:stage=1 --workdir runs/qwen2/stage1 \\
+        --config.model.vision_folder=/models/siglip-so400m-patch14-384 \\
+        --config.model.lm_folder=/models/Qwen2-0.5B-Instruct \\
+        --config.data.manual_dir=/data/LLaVA-Pretrain --config.data.data_dir=/data/tfds
+    jaxalign train --config jaxalign/configs/tinyalign_qwen2.py:stage=2 --workdir runs/qwen2/stage2 \\
+        --config.model.init_from=runs/qwen2/stage1 (same model folders) \\
+        --config.data.manual_dir=/data/llava-v1.5-mix665k --config.data.data_dir=/data/tfds
+
+Evaluation data: a LLaVA-format JSON `eval.json` in each manual directory (questions with one short reference
+answer each); LLaVA JSON has no question types, so VQA accuracy is reported overall.
+Variants (`:key=value,...`): stage=1|2, retrieval=real|shuffled|constant|off (off = the TinyLLaVA baseline),
+k=N, fraction=0.4 (share of the training data; the bank uses the same share).
+"""
+from __future__ import annotations
+
+from jaxalign.configs.base import parse_arg
+from jaxalign.configs.tinyalign_common import base_config
+
+
+def get_config(arg: str | None = None):
+    arg = parse_arg(arg, stage=1, retrieval="real", k=3, fraction=1.0)
+    c = base_config()
+    c.stage = arg.stage
+    c.mesh = (-1, 1, 1)            # data parallel; use (1, -1, 1) to shard params and optimizer state (FSDP)
+    c.model.source = "hf"
+    c.model.dtype = "bfloat16"
+    c.model.vision_layer = -2      # LLaVA / TinyLLaVA: second-to-last SigLIP layer, all 729 patches
+    c.model.connector = "mlp2x_gelu"
+    c.model.retrieval_connector = "linear"
+    c.model.identity_retrieval_init = True
+    c.model.max_length = 2048
+    c.model.loss_chunk_size = 16384   # Qwen2 vocabulary 151,936: 10 chunks
+
+    c.retrieval.control = arg.retrieval
+    c.retrieval.mode = "default"
+    c.retrieval.k = arg.k
+    c.retrieval.value_length = 32  # a neighbour's caption / short answer in Qwen2 tokens
+    c.retrieval.search_method = "auto"
+    c.retrieval.build_batch_size = 64
+
+    c.data.kind = "llava"
+    c.data.fraction = arg.fraction
+    if arg.stage == 1:
+        c.data.train_json, c.data.train_name, c.data.image_root = "blip_laion_cc_sbu_558k.json", "pretrain", "images"
+        c.data.template = "plain"
+        c.train.learning_rate, c.train.batch_size = 1e-3, 256
+        c.eval.vqa = False         # the caption template has no question: loss only
+    else:
+        c.data.train_json, c.data.train_name, c.data.image_root = "llava_v1_5_mix665k.json", "mix665k", ""
+        c.data.template = "qwen2"
+        c.train.learning_rate, c.train.batch_size = 2e-5, 128
+    c.data.eval_json, c.data.eval_name = "eval.json", f"eval_stage{arg.stage}"
+    c.data.truncate = True         # LLaVA's own behaviour for the few over-long conversations
+
+    c.train.num_epochs = 1.0
+    c.train.warmup_ratio = 0.03
+    c.train.accum_steps = 4        # micro-batches of batch_size / 4 per device group
+    c.train.log_every = 20
+    c.train.checkpoint_every = 1000
+    c.eval.batch_size = 64
+    c.eval.max_new_tokens = 16
+    return c

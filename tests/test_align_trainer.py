@@ -1,0 +1,147 @@
+"""TinyAlign training stages through `train_and_evaluate`, on 8 fake devices, a (2, 4, 1) mesh, tiny random
+towers and a tiny LLaVA-format folder written here (coloured-shape images, captions and questions)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image, ImageDraw
+
+from jaxalign.align import trainer
+from jaxalign.configs.base import load_config
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square")
+
+
+def shape_image(path, color, shape):
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    box = (6, 6, 26, 26)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
+    image.save(path)
+
+
+def write_llava_folder(root):
+    """captions.json (stage 1), questions.json (stage 2), captions_eval.json and eval.json, images/.
+
+    Two bad samples are planted: 'missing-image' (no image file: left out by the tfds build) and
+    'too-long' (a question longer than the model's max_length: skipped by the pipeline)."""
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    captions, questions = [], []
+    for index, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+        name = f"{color}_{shape}.png"
+        shape_image(os.path.join(root, "images", name), color, shape)
+        captions.append({"id": f"cap-{index}", "image": f"images/{name}", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": f"a {color} {shape}"}]})
+        for kind, question, answer in (("color", "what color is the shape?", color),
+                                       ("shape", "what shape is in the image?", shape)):
+            questions.append({"id": f"q-{index}-{kind}", "image": f"images/{name}", "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    bad_image = {"id": "missing-image", "image": "nowhere.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "red"}]}
+    too_long = {"id": "too-long", "image": "images/red_circle.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + "what color is the shape? " * 30},
+        {"from": "gpt", "value": "red"}]}
+    files = {"captions.json": captions + [bad_image], "captions_eval.json": captions[:4],
+             "questions.json": questions + [too_long], "eval.json": questions[:8]}
+    for name, content in files.items():
+        with open(os.path.join(root, name), "w") as f:
+            json.dump(content, f)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, eight_devices):
+    root = tmp_path_factory.mktemp("tinyalign")
+    write_llava_folder(str(root / "llava"))
+    return root
+
+
+def tiny_config(folders, stage, steps, *extra):
+    overrides = [f"data.manual_dir={folders / 'llava'}", f"data.data_dir={folders / 'tfds'}", "mesh=(2, 4, 1)",
+                 "progress=False", "train.checkpoint_every=2", "retrieval.build_batch_size=8",
+                 "eval.batch_size=8", "eval.max_batches=1", *extra]
+    return load_config(f"jaxalign/configs/tinyalign_tiny.py:stage={stage},data=llava,steps={steps}", overrides)
+
+
+@pytest.fixture(scope="module")
+def stage1(folders):
+    workdir = str(folders / "stage1")
+    return workdir, trainer.train_and_evaluate(tiny_config(folders, 1, 3), workdir)
+
+
+@pytest.fixture(scope="module")
+def stage2(folders, stage1):
+    workdir = str(folders / "stage2")
+    config = tiny_config(folders, 2, 4, f"model.init_from={stage1[0]}", "train.learning_rate=0.003",
+                         "train.warmup_ratio=0.0", "train.log_every=1")
+    return workdir, trainer.train_and_evaluate(config, workdir)
+
+
+def test_stage1_trains_connectors_with_leave_one_out(stage1):
+    workdir, results = stage1
+    assert results["steps"] == 3 and np.isfinite(results["train_loss_last"])
+    assert results["trainable"] == ["connector", "retrieval_connector"]
+    assert results["memory"]["count"] == 8 and results["memory"]["reused"] is False
+    # Leave-one-out inside the jitted step: no retrieved neighbour is the sample itself.
+    metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert all(record["own_id_retrieved"] == 0.0 for record in metrics if "own_id_retrieved" in record)
+    assert np.isfinite(results["eval"]["loss"]) and results["eval"]["num_tokens"] > 0
+
+
+def test_bad_samples_are_reported_with_their_ids(stage1, stage2):
+    _, first = stage1
+    assert first["data"]["build_reports"]["captions"]["skipped"] == {"missing_image": ["missing-image"]}
+    _, second = stage2
+    assert "too-long" in second["data"]["train_skipped"]["skipped"]["too_long"]
+
+
+def test_stage2_starts_from_stage1_trains_the_lm_and_lowers_the_loss(stage1, stage2):
+    _, results = stage2
+    assert results["init"]["replaced"] > 0            # connector params came from the stage-1 checkpoint
+    assert results["trainable"] == ["connector", "retrieval_connector", "lm"]
+    losses = [loss for _, loss in results["loss_history"]]
+    assert losses[-1] < losses[0]
+    vqa = results["eval"]["vqa"]
+    assert vqa["count"] == 8 and 0.0 <= vqa["accuracy"] <= 1.0
+    assert set(vqa["per_type"]) == {"(none)"}
+
+
+def read_checkpoint(workdir, step):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "extra"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    return {name: np.asarray(value) for name, value in restored.items()}
+
+
+def test_resume_after_an_interruption_is_exact(folders, stage1, stage2):
+    workdir, _ = stage2
+    resumed = str(folders / "stage2_resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))   # as if the run had died after step 2
+    config = tiny_config(folders, 2, 4, f"model.init_from={stage1[0]}", "train.learning_rate=0.003",
+                         "train.warmup_ratio=0.0", "train.log_every=1", "eval.at_end=False")
+    results = trainer.train_and_evaluate(config, resumed)
+    assert results["memory"]["reused"] is True and results["steps"] == 4
+    straight, again = read_checkpoint(workdir, 4), read_checkpoint(resumed, 4)
+    assert sorted(straight) == sorted(again)
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], again[name], err_msg=name)
+
+
+def test_eval_command_reproduces_the_final_evaluation(folders, stage1, stage2, capsys):
+    from jaxalign import cli
+
+    workdir, results = stage2
+    overrides = [f"--config.data.manual_dir={folders / 'llava'}", f"--config.data.data_dir={folders / 'tfds'}",
+                 "--config.mesh=(2, 4, 1)", "--config.progress=False", "--config.eval.batch_size=8",
+                 "--config.eval.max_batches=1", f"--config.model.init_from={stage1[0]}"]
+    code = cli.main(["eval", "--config", "jaxalign/configs/tinyalign_tiny.py:stage=2,data=llava,steps=4",
+                     "--workdir", workdir, *overrides])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["restored_params"] > 0
+    assert summary["eval_loss"] == pytest.approx(results["eval"]["loss"], rel=1e-5)
+    assert summary["vqa_accuracy"] == results["eval"]["vqa"]["accuracy"]
