@@ -3,7 +3,8 @@
 Each feature keeps its subcommands next to its code, in a module with one function
 `add_commands(subparsers)` that adds its parsers and sets `func` (called with the parsed args, returns an exit
 code). This file only collects them, so `jaxalign --help` lists every command and importing one feature never
-imports another. A command module is imported only when listed in `COMMAND_MODULES`.
+imports another. Command modules import their heavy dependencies
+inside the command functions, so `jaxalign --help` stays fast.
 """
 from __future__ import annotations
 
@@ -28,19 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `jaxalign COMMAND --help` for the options of one command.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:  # a real missing dependency inside the module: say so
-                raise
-            continue
-        module.add_commands(subparsers)
+        importlib.import_module(name).add_commands(subparsers)
     return parser
 
 
+CONFIG_OVERRIDE_PREFIX = "--config."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parses `argv` and runs the chosen command.
+
+    Commands that read an ml_collections config set `accepts_config_overrides=True` in their defaults: they
+    receive any `--config.a.b=value` arguments (big_vision's convention) as `args.overrides`; every other
+    unknown argument is an error, as usual.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "accepts_config_overrides", False):
+        args.overrides = [item for item in unknown if item.startswith(CONFIG_OVERRIDE_PREFIX)]
+        unknown = [item for item in unknown if not item.startswith(CONFIG_OVERRIDE_PREFIX)]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}"
+                     + ("; config overrides look like --config.train.batch_size=64"
+                        if getattr(args, "accepts_config_overrides", False) else ""))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

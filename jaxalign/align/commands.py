@@ -19,15 +19,6 @@ _OVERRIDE_HELP = ("any config field may follow as --config.a.b=value (typed afte
                   "--config.train.batch_size=64 --config.retrieval.k=10")
 
 
-def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    overrides = []
-    for item in extra:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; config overrides look like --config.train.batch_size=64")
-        overrides.append(item)
-    return overrides
-
-
 def _load(args: argparse.Namespace):
     from jaxalign.configs.base import load_config
 
@@ -66,16 +57,6 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-class _WithOverrides(argparse.ArgumentParser):
-    """A parser that collects `--config.KEY=VALUE` overrides into `args.overrides` (argparse alone would reject
-    them as unknown options) and still rejects anything else."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extra = super().parse_known_args(args, namespace)
-        namespace.overrides = _split_overrides(extra, self)
-        return namespace, []
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     for name, func, summary, description in (
         ("train", train_command, "train (or resume) one TinyAlign stage, then evaluate it",
@@ -89,12 +70,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
          "prefill). Prints a JSON summary."),
     ):
         parser = subparsers.add_parser(name, help=summary, description=description, epilog=_OVERRIDE_HELP)
-        # The subparser is created by argparse from the parent's class; this subclass only adds the collection
-        # of --config.* overrides (cli.py stays generic).
-        parser.__class__ = _WithOverrides
         parser.add_argument("--config", required=True, help=_CONFIG_HELP)
         parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, results)")
-        parser.set_defaults(func=func, overrides=[])
+        parser.set_defaults(func=func, overrides=[], accepts_config_overrides=True)
     # `jaxalign demo` lives in its own module (jaxalign/align/demo.py); it is offered when that module exists.
     if importlib.util.find_spec("jaxalign.align.demo") is not None:
         from jaxalign.align import demo
