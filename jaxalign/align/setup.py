@@ -1,0 +1,385 @@
+"""Assembling a TinyAlign run's parts from its config: data sources, tokenizer, towers, model config, the
+parameters (with a previous stage's checkpoint written over them), the memory bank, and the freeze rules.
+
+`trainer.py` reads top to bottom as the run itself; this module answers "where does each part come from":
+
+  data_sources(config) -> {'train', 'eval', 'memory', 'build_reports'}
+  tokenizer_corpus(config, sources) -> texts a word-level tokenizer for random towers is trained on
+  load_tokenizer(config, workdir, sources) -> Tokenizer
+  load_towers(config, tokenizer) -> (vision cfg, vision params, LM cfg, LM params)
+  model_config(config, vision_cfg, lm_cfg) -> TinyAlignConfig;  perceiver_config(config, cfg)
+  read_checkpoint_params(workdir) -> {'connector/dense_0/kernel': array, ...}
+  overwrite_params(params, saved, source) -> (params, replaced names)
+  freeze_rules(trainable, transform) -> [(regex, transform | None)]
+  stop_token_ids(tokenizer, template) -> ids that end a generated answer
+  build_run(config, workdir) -> Run (mesh, tokenizer, template, sources, cfg, sharded params, memory, ...)
+  build_memory(config, workdir, mesh, cfg, params, sources, data_options) -> (RetrievalMemory, info)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxalign import sharding
+from jaxalign.align import memory_keys
+from jaxalign.align import model as model_lib
+from jaxalign.align import value_encoders
+from jaxalign.align.controls import RetrievalControl
+from jaxalign.align.query import QueryConfig
+from jaxalign.data import chat_templates, image_ops, pipeline
+from jaxalign.data.tokenizer import Tokenizer, train_word_level_tokenizer
+from jaxalign.models import connector, decoder, vit
+from jaxalign.train import optimizer as opt_lib
+
+log = logging.getLogger(__name__)
+ConfigDict = ml_collections.ConfigDict
+STAGE_TRAINABLE = {1: ("connector", "retrieval_connector"), 2: ("connector", "retrieval_connector", "lm")}
+
+
+# ================================================================================================ input
+def _llava_source(data: ConfigDict, json_file: str, name: str, image_root: str):
+    import tensorflow_datasets as tfds
+    from jaxalign.data import llava
+
+    # tfds refuses a new config under a registered name ('pretrain', 'mix665k'): those names take the
+    # registered config, which must then describe the same JSON file and image folder.
+    registered = {known.name: known for known in llava.LlavaDataset.BUILDER_CONFIGS}
+    config: Any = llava.LlavaConfig(name=name, json_file=json_file, image_root=image_root)
+    if name in registered:
+        known = registered[name]
+        if (known.json_file, known.image_root) != (json_file, image_root):
+            raise ValueError(f"config.data: the data set name {name!r} is the registered LLaVA config for "
+                             f"{known.json_file} with images under {known.image_root!r}/, but this run gives "
+                             f"{json_file} with images under {image_root!r}/; give it another name "
+                             "(config.data.train_name / eval_name / memory_name)")
+        config = name
+    builder, report = llava.prepare_llava(config, manual_dir=data.manual_dir, data_dir=data.data_dir,
+                                          fail_fast=data.fail_fast)
+    source = tfds.data_source(f"{llava.LlavaDataset.name}/{name}", data_dir=data.data_dir, split="train")
+    return source, report
+
+
+def data_sources(config: ConfigDict) -> dict[str, Any]:
+    """{'train', 'eval', 'memory' (sources; 'memory' is the bank's, the training source unless
+    config.data.memory_config / memory_json names another), 'build_reports' (name -> SkipReport JSON)}.
+
+    The tfds builds run here on first use; tfds announces them on stdout, which is moved to stderr so that the
+    commands' stdout stays one JSON summary."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return _open_sources(config.data)
+
+
+def _open_sources(data: ConfigDict) -> dict[str, Any]:
+    if data.kind == "easy_vqa":
+        from jaxalign.data import easy_vqa
+
+        train = easy_vqa.load_easy_vqa(data.train_config, data.train_split, data.data_dir or None)
+        memory = (easy_vqa.load_easy_vqa(data.memory_config, data.train_split, data.data_dir or None)
+                  if data.memory_config else train)
+        return {"train": train, "memory": memory,
+                "eval": easy_vqa.load_easy_vqa(data.eval_config, data.eval_split, data.data_dir or None),
+                "build_reports": {}}
+    if data.kind == "llava":
+        if not data.manual_dir or not data.data_dir:
+            raise ValueError("config.data.kind='llava' needs config.data.manual_dir (the JSON and image folder) "
+                             "and config.data.data_dir (where the tfds data set is written)")
+        train, train_report = _llava_source(data, data.train_json, data.train_name, data.image_root)
+        evaluation, eval_report = _llava_source(data, data.eval_json, data.eval_name, data.eval_image_root)
+        reports = {data.train_name: train_report.to_json(), data.eval_name: eval_report.to_json()}
+        memory = train
+        if data.memory_json:
+            memory, memory_report = _llava_source(data, data.memory_json, data.memory_name,
+                                                  data.memory_image_root)
+            reports[data.memory_name] = memory_report.to_json()
+        return {"train": train, "eval": evaluation, "memory": memory, "build_reports": reports}
+    raise ValueError(f"config.data.kind={data.kind!r}; expected 'easy_vqa' or 'llava'")
+
+
+def _conversation_texts(conversations: Any) -> list[str]:
+    if isinstance(conversations, (bytes, np.bytes_)):
+        conversations = conversations.decode("utf-8")
+    turns = json.loads(conversations) if isinstance(conversations, str) else conversations
+    return [str(turn.get("value", "")).replace(chat_templates.IMAGE_PLACEHOLDER, " ") for turn in turns or []
+            if isinstance(turn, dict)]
+
+
+def tokenizer_corpus(config: ConfigDict, sources: dict) -> list[str]:
+    """Texts a word-level tokenizer for random towers is trained on: every chat template's words, and the
+    conversations of both stages' data (easy-vqa: captions and questions; llava: every JSON file of the manual
+    directory), so that a stage-2 run can keep its stage-1 run's tokenizer."""
+    from jaxalign.data import easy_vqa
+
+    texts = [easy_vqa.CAPTION_PROMPT] + [
+        " ".join((t.system_message, t.system_format, t.user_prefix, t.user_suffix, t.assistant_prefix))
+        for t in chat_templates.TEMPLATES.values()]
+    data = config.data
+    if data.kind == "easy_vqa":
+        for name in ("captions", "questions"):
+            for record in (easy_vqa.caption_records(data.train_split)[0] if name == "captions"
+                           else easy_vqa.question_records(data.train_split)):
+                texts += _conversation_texts(record["conversations"])
+    else:
+        for name in sorted(os.listdir(data.manual_dir)):
+            if name.endswith(".json"):
+                with open(os.path.join(data.manual_dir, name), encoding="utf-8") as file:
+                    samples = json.load(file)
+                for sample in samples if isinstance(samples, list) else []:
+                    if isinstance(sample, dict):
+                        texts += _conversation_texts(sample.get("conversations"))
+    for source in (sources["train"], sources["eval"]):
+        texts += [text for index in range(len(source)) for text in _conversation_texts(source[index]["conversations"])]
+    return texts
+
+
+def load_tokenizer(config: ConfigDict, workdir: str, sources: dict) -> Tokenizer:
+    """The LM's tokenizer (Hugging Face folder), or for random towers a word-level tokenizer trained on the data
+    (saved in workdir/tokenizer and reused; a stage-2 run takes its stage-1 run's)."""
+    model = config.model
+    if model.source == "hf":
+        return Tokenizer.from_folder(model.lm_folder)
+    for folder in (os.path.join(workdir, "tokenizer"),
+                   os.path.join(model.init_from, "tokenizer") if model.init_from else ""):
+        if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return Tokenizer.from_folder(folder)
+    # Every template's marker tokens and words are in the vocabulary, so stage 2 can switch templates.
+    specials = ("<pad>", "<unk>", "<s>", "</s>") + tuple(dict.fromkeys(
+        token for template in chat_templates.TEMPLATES.values() for token in template.required_tokens))
+    tokenizer = train_word_level_tokenizer(tokenizer_corpus(config, sources), special_tokens=specials)
+    if jax.process_index() == 0:
+        tokenizer.save_folder(os.path.join(workdir, "tokenizer"))
+    return tokenizer
+
+
+# ================================================================================================ model
+def load_towers(config: ConfigDict, tokenizer: Tokenizer
+                ) -> tuple[vit.VisionConfig, dict, decoder.DecoderConfig, dict]:
+    """(vision cfg, vision params, LM cfg, LM params): from Hugging Face folders or tiny random ones."""
+    model = config.model
+    if model.source == "hf":
+        from jaxalign.io import hf_lm, hf_vision
+
+        vision_cfg, vision_params = hf_vision.load(model.vision_folder, dtype=model.dtype)
+        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype)
+        if tokenizer.vocab_size > lm_cfg.vocab_size:
+            raise ValueError(f"the tokenizer of {model.lm_folder} has {tokenizer.vocab_size} ids but the LM only "
+                             f"{lm_cfg.vocab_size} embedding rows")
+        return vision_cfg, jax.tree.map(jnp.asarray, vision_params), lm_cfg, lm_params
+    if model.source != "random":
+        raise ValueError(f"config.model.source={model.source!r}; expected 'hf' or 'random'")
+    vision_cfg = vit.VisionConfig(**model.random_vision.to_dict(), use_head=False, dtype=model.dtype)
+    lm_cfg = decoder.DecoderConfig(**model.random_lm.to_dict(), vocab_size=tokenizer.vocab_size, dtype=model.dtype,
+                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    vision_key, lm_key = jax.random.split(jax.random.PRNGKey(model.random_seed))
+    return vision_cfg, vit.init(vision_cfg, vision_key), lm_cfg, decoder.init(lm_cfg, lm_key)
+
+
+def model_config(config: ConfigDict, vision_cfg: vit.VisionConfig, lm_cfg: decoder.DecoderConfig
+                 ) -> model_lib.TinyAlignConfig:
+    """The `TinyAlignConfig` of a run from its ConfigDict and the towers' configs."""
+    model, retrieval = config.model, config.retrieval
+    faithful = retrieval.mode == "faithful"
+    value_kind = "latents" if faithful else "tokens"
+    value_width = retrieval.perceiver.latent_dim if faithful else lm_cfg.hidden_size
+    value_length = retrieval.perceiver.num_latents if faithful else retrieval.value_length
+    dense = dict(dtype=model.dtype)
+    resampler = dict(num_latents=model.resampler_latents, num_heads=model.resampler_heads) \
+        if model.connector == "resampler" else {}
+    return model_lib.TinyAlignConfig(
+        vision=vision_cfg, lm=lm_cfg,
+        connector=connector.ConnectorConfig(model.connector, vision_cfg.hidden_size, lm_cfg.hidden_size, **resampler,
+                                            **dense),
+        retrieval_connector=connector.ConnectorConfig(model.retrieval_connector, value_width, lm_cfg.hidden_size,
+                                                      **dense),
+        query=QueryConfig(mode=retrieval.mode, image_weight=retrieval.image_weight,
+                          text_weight=retrieval.text_weight, text_start=retrieval.text_start),
+        control=RetrievalControl(kind=retrieval.control, seed=retrieval.shuffle_seed,
+                                 constant_row=retrieval.constant_row),
+        value_kind=value_kind, value_length=value_length, k=retrieval.k,
+        leave_one_out=retrieval.leave_one_out and not faithful, vision_layer=model.vision_layer,
+        drop_first_vision_token=model.drop_first_vision_token, search_method=retrieval.search_method,
+        max_length=model.max_length, loss_chunk_size=model.loss_chunk_size)
+
+
+def perceiver_config(config: ConfigDict, cfg: model_lib.TinyAlignConfig) -> value_encoders.PerceiverValueConfig:
+    """The seeded random Perceiver that makes faithful-mode values (`config.retrieval.perceiver`)."""
+    p = config.retrieval.perceiver
+    return value_encoders.PerceiverValueConfig(
+        num_latents=p.num_latents, latent_dim=p.latent_dim, num_self_layers=p.num_self_layers,
+        image_size=cfg.vision.image_size, max_text_bytes=p.max_text_bytes, seed=p.seed)
+
+
+def read_checkpoint_params(workdir: str) -> dict[str, np.ndarray]:
+    """{'connector/dense_0/kernel': array, ...}: the params saved in the latest checkpoint of a run (only its
+    trainable ones: frozen towers are never saved)."""
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(directory, item_names=("state", "extra"), item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint to initialise from (config.model.init_from)")
+    metadata = manager.item_metadata(step)["state"]
+    replicated = jax.sharding.NamedSharding(sharding.make_mesh((-1, 1, 1)), jax.sharding.PartitionSpec())
+    # The whole flat state is read (orbax restores a tree as saved); only its params are kept.
+    target = {name: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=replicated)
+              for name, meta in metadata.items()}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    manager.close()
+    return {name[len("params."):].replace(".", "/"): np.asarray(value) for name, value in restored.items()
+            if name.startswith("params.")}
+
+
+def overwrite_params(params: dict, saved: dict[str, np.ndarray], source: str) -> tuple[dict, list[str]]:
+    """params with every leaf named in `saved` replaced (shapes checked); returns (params, replaced names)."""
+    paths = opt_lib.param_paths(params)
+    replaced = []
+
+    def take(path: str, leaf):
+        if path not in saved:
+            return leaf
+        if tuple(saved[path].shape) != tuple(leaf.shape):
+            raise ValueError(f"{source}: parameter {path} has shape {saved[path].shape}, this model expects "
+                             f"{leaf.shape}; init_from must come from a run with the same model")
+        replaced.append(path)
+        return jnp.asarray(saved[path], leaf.dtype)
+
+    return jax.tree.map(take, paths, params), replaced
+
+
+# ========================================================================================= training, generation
+def freeze_rules(trainable: tuple[str, ...], transform) -> list:
+    """Freeze rules: the listed top-level parts train with `transform`, everything else is frozen."""
+    unknown = set(trainable) - {"connector", "retrieval_connector", "lm", "vision"}
+    if unknown:
+        raise ValueError(f"config.train.trainable has unknown parts {sorted(unknown)}; use connector, "
+                         "retrieval_connector, lm")
+    if "vision" in trainable:
+        raise ValueError("the vision tower stays frozen in TinyAlign (its features key the memory bank)")
+    return [(f"({'|'.join(trainable)})/.*", transform), (".*", None)]
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: chat_templates.ChatTemplate) -> list[int]:
+    """Ids that end a generated answer: the tokenizer's EOS and the template's end-of-turn token when it is a
+    single token (Qwen2's <|im_end|> differs from the base model's EOS)."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    suffix = template.assistant_suffix.replace(chat_templates.EOS_MARKER, "").strip()
+    if suffix and tokenizer.token_to_id(suffix) is not None:
+        ids.append(tokenizer.token_to_id(suffix))
+    return sorted(set(ids))
+
+
+# ================================================================================================ a run's parts
+@dataclasses.dataclass
+class Run:
+    """Everything `train_and_evaluate` and `evaluate_checkpoint` share.
+
+    `params` are sharded over `mesh` by `param_axes`; `memory` is None for a run without retrieval (its
+    `memory_info` then empty); `data_options` are the keyword arguments of every `pipeline` dataset of the run;
+    `init_info` is {'init_from', 'replaced': number of params taken from that checkpoint}.
+    """
+
+    config: ConfigDict
+    workdir: str
+    mesh: Any
+    tokenizer: Tokenizer
+    template: chat_templates.ChatTemplate
+    sources: dict
+    cfg: model_lib.TinyAlignConfig
+    params: dict
+    param_axes: dict
+    memory: memory_keys.RetrievalMemory | None
+    memory_info: dict
+    data_options: dict
+    init_info: dict
+
+
+def build_run(config: ConfigDict, workdir: str) -> Run:
+    """The mesh, data sources, tokenizer, towers, model config, sharded params (a previous stage's trained ones
+    written over the fresh connectors when `config.model.init_from` names its workdir), the pipeline options and
+    the memory bank (loaded or built) of one run."""
+    # --- mesh --------------------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(tuple(config.mesh))
+    log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+    # --- input -------------------------------------------------------------------------------------------------
+    sources = data_sources(config)
+    template = chat_templates.get_template(config.data.template)
+    tokenizer = load_tokenizer(config, workdir, sources)
+
+    # --- model -------------------------------------------------------------------------------------------------
+    vision_cfg, vision_params, lm_cfg, lm_params = load_towers(config, tokenizer)
+    cfg = model_config(config, vision_cfg, lm_cfg)
+    if cfg.leave_one_out and sources["memory"] is not sources["train"]:
+        # Bank ids index another data set, so a training sample has no entry of its own to leave out.
+        cfg = dataclasses.replace(cfg, leave_one_out=False)
+    params = {"vision": vision_params, "lm": lm_params,
+              **model_lib.init_connectors(cfg, jax.random.PRNGKey(config.seed),
+                                          identity_retrieval=config.model.identity_retrieval_init)}
+    init_info = {"init_from": config.model.init_from, "replaced": 0}
+    if config.model.init_from:
+        params, replaced = overwrite_params(params, read_checkpoint_params(config.model.init_from),
+                                            config.model.init_from)
+        init_info["replaced"] = len(replaced)
+        log.info("initialised %d parameters from %s", len(replaced), config.model.init_from)
+    param_axes = model_lib.logical_axes(cfg)
+    params = sharding.shard_params(params, param_axes, mesh)
+    mean, std = image_ops.NORMALISATION[vision_cfg.variant]
+    data_options = dict(tokenizer=tokenizer, template=template, image_size=vision_cfg.image_size, mean=mean, std=std,
+                        max_length=cfg.max_length, insert_retrieval=cfg.retrieval and config.data.insert_retrieval,
+                        image_length=cfg.num_image_tokens, retrieval_length=max(cfg.num_retrieved_tokens, 1),
+                        truncate=config.data.truncate, pad_to_square=config.data.pad_to_square,
+                        fail_fast=config.data.fail_fast)
+
+    # --- memory bank -------------------------------------------------------------------------------------------
+    memory, memory_info = None, {}
+    if cfg.retrieval:
+        memory, memory_info = build_memory(config, workdir, mesh, cfg, params, sources, data_options)
+    return Run(config, workdir, mesh, tokenizer, template, sources, cfg, params, param_axes, memory, memory_info,
+               data_options, init_info)
+
+
+def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg: model_lib.TinyAlignConfig,
+                 params: dict, sources: dict, data_options: dict) -> tuple[memory_keys.RetrievalMemory, dict]:
+    """Loads the run's bank when its fingerprint matches, else builds it from the training data (the same
+    fraction the run trains on) with the frozen encoders, and saves it with its manifest."""
+    retrieval, data = config.retrieval, config.data
+    directory = retrieval.memory_dir or os.path.join(workdir, "memory")
+    if sources["memory"] is sources["train"]:
+        name = data.train_config if data.kind == "easy_vqa" else data.train_json
+        source_name = f"{data.kind}:{name}:fraction={data.fraction}:seed={data.fraction_seed}"
+    else:
+        source_name = f"{data.kind}:{data.memory_config if data.kind == 'easy_vqa' else data.memory_json}"
+    source_name += f":template={data.template}"
+    fingerprint = memory_keys.memory_fingerprint(params, cfg, source_name)
+    perceiver_cfg = perceiver_config(config, cfg) if cfg.value_kind == "latents" else None
+
+    def build():
+        perceiver_params = (value_encoders.init_perceiver_values(perceiver_cfg) if perceiver_cfg else None)
+        own_source = sources["memory"] is sources["train"]
+        batches = pipeline.make_eval_dataset(sources["memory"], batch_size=retrieval.build_batch_size,
+                                             fraction=data.fraction if own_source else 1.0,
+                                             fraction_seed=data.fraction_seed,
+                                             for_generation=False, verbose=False, **data_options)
+        encode = model_lib.make_bank_encoder(cfg, perceiver_cfg)
+        host_batches = memory_keys.memory_batches(
+            batches, data_options["tokenizer"], cfg.value_kind, cfg.value_length,
+            perceiver_cfg.max_text_bytes if perceiver_cfg else 0)
+        return memory_keys.build_bank(functools.partial(encode, params, perceiver_params), host_batches, mesh,
+                                      total=len(batches))
+
+    bank, info = memory_keys.load_or_build_bank(directory, fingerprint, build, mesh,
+                                                extra={"source": source_name, "mode": cfg.query.mode})
+    memory = memory_keys.RetrievalMemory.create(
+        bank, cfg.control.seed if cfg.control.kind == "shuffled" else None)
+    return memory, info
