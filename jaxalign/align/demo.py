@@ -321,7 +321,37 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps at 100%% of the data "
                         "(default 200; a fraction f trains f times as many)")
     parser.add_argument("--eval-loss", action="store_true", help="also report the loss on the test questions")
+    parser.add_argument("--distillation", choices=("auto", "on", "off"), default="auto", help="also run the small "
+                        "CLUTRR structured-distillation job on generated data (GNN teacher, BiLSTM student alone "
+                        "and with KD + contrastive; about a minute); 'auto' runs it except with --quick")
     parser.set_defaults(func=run_demo)
+
+
+def run_distillation(out: str, seed: int = 0) -> dict:
+    """The distillation half of the demo: `jaxalign.distill.trainer.run_quick_distillation` into OUT/clutrr.
+
+    Returns its results ({'teacher' | 'student_alone' | 'student_kd_contrastive': {'test_accuracy': ...}}),
+    also written to OUT/clutrr/results.json.
+    """
+    from jaxalign.distill import trainer as distill_trainer
+
+    print("\n=== CLUTRR structured distillation on generated data ===", flush=True)
+    results = distill_trainer.run_quick_distillation(os.path.join(out, "clutrr"), seed=seed)
+    with open(os.path.join(out, "clutrr", "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return results
+
+
+def format_distillation_table(results: dict) -> str:
+    """Accuracy per generated test file for the teacher and the two students."""
+    models = [name for name in ("teacher", "student_alone", "student_kd_contrastive") if name in results]
+    files = sorted({name for model in models for name in results[model].get("test_accuracy", {})})
+    lines = ["CLUTRR (generated, clean): accuracy per test file",
+             f"{'test file':<22}" + "".join(f"{model:>24}" for model in models)]
+    for name in files:
+        lines.append(f"{name:<22}" + "".join(f"{_cell(results[model]['test_accuracy'].get(name)):>24}"
+                                            for model in models))
+    return "\n".join(lines)
 
 
 def _enable_compilation_cache(cache_root: str | None) -> None:
@@ -352,7 +382,12 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     _enable_compilation_cache(args.cache)
     results = run_all(args.out, settings, args.cache, fresh=args.fresh)
+    distillation = None
+    if args.distillation == "on" or (args.distillation == "auto" and not args.quick):
+        distillation = run_distillation(args.out)
     print("\n" + format_table(results))
+    if distillation is not None:
+        print("\n" + format_distillation_table(distillation))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(
         os.path.basename(path) for path in results["plots"].values()))
     print(f"demo wall time {results['wall_seconds']} s (towers {results['towers']['seconds']} s, "
