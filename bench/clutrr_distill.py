@@ -1,0 +1,309 @@
+"""CLUTRR structured-distillation benchmark on the released data: teacher, student alone, +KD, +KD+contrastive.
+
+    .venv/bin/python bench/clutrr_distill.py                      # full run (3 seeds, 5 data sets), ~40 min
+    .venv/bin/python bench/clutrr_distill.py --report-only        # rebuild the table / plot from finished jobs
+
+Data sets (../shared/data/clutrr): data_089907f8 (train clean k = 2, 3; test k = 2..10) and the robustness
+sets data_7c5b0e70 (clean), data_06b8f2a1 (supporting), data_523348e6 (irrelevant), data_d83ecc3e
+(disconnected), each trained on k = 2, 3 of one noise type and tested at k = 3 on all four (and k = 2 of its own).
+
+One job is one (data set, seed): it pretrains the GNN teacher, then trains three BiLSTM students on the same data
+(alone; + KD; + KD + contrastive) with the teacher frozen. Jobs run in parallel worker processes (each XLA
+single-threaded) and each writes `<out>/<data set>/seed<k>/summary.json`; a finished job is not rerun. The
+report (markdown table with mean ± std over seeds per test file, the published CLUTRR numbers beside them, and
+a plot of accuracy against k) goes to bench/RESULTS.md (between this benchmark's markers) and
+bench/clutrr_accuracy_vs_k.png. Model sizes and steps are chosen for a shared 2-core CPU; see RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_ROOT = os.path.join(os.path.dirname(ROOT), "shared", "data", "clutrr")
+GENERALISATION = "data_089907f8"
+ROBUSTNESS = {"data_7c5b0e70": "clean", "data_06b8f2a1": "supporting", "data_523348e6": "irrelevant",
+              "data_d83ecc3e": "disconnected"}
+NOISE_NAMES = {1: "clean", 2: "supporting", 3: "irrelevant", 4: "disconnected"}
+VARIANTS = ("alone", "kd", "kd_contrastive")
+MODEL_NAMES = {"teacher": "GNN teacher", "alone": "BiLSTM alone", "kd": "BiLSTM + KD",
+               "kd_contrastive": "BiLSTM + KD + contrastive"}
+PUBLISHED_K = {  # CLUTRR paper, Figure 5 (trained on k = 2, 3), read off the plot
+    "GAT": [1.00, 0.95, 0.75, 0.44, 0.24, 0.29, 0.19, 0.17, 0.12],
+    "BERT-LSTM": [0.87, 0.70, 0.40, 0.32, 0.27, 0.20, 0.26, 0.24, 0.28],
+    "BiLSTM-Att": [0.70, 0.53, 0.39, 0.36, 0.31, 0.31, 0.29, 0.38, 0.30],
+}
+PUBLISHED_ROBUSTNESS = {  # CLUTRR paper, Table 2: (BiLSTM-Att, BERT-LSTM, GAT)
+    ("clean", "clean"): (0.58, 0.67, 1.00), ("clean", "supporting"): (0.76, 0.66, 0.24),
+    ("clean", "irrelevant"): (0.70, 0.55, 0.51), ("clean", "disconnected"): (0.49, 0.50, 0.80),
+    ("supporting", "supporting"): (0.67, 0.57, 0.98), ("irrelevant", "irrelevant"): (0.51, 0.53, 0.93),
+    ("disconnected", "disconnected"): (0.57, 0.47, 0.96),
+}
+START, END = "<!-- clutrr_distill:start -->", "<!-- clutrr_distill:end -->"
+
+
+# ------------------------------------------------------------------------------------------------- one job
+
+
+def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps: int) -> dict:
+    """Teacher + three students on one data set and seed; returns and writes the job summary."""
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    from jaxalign.clutrr import solver
+    from jaxalign.configs.base import load_config
+    from jaxalign.distill import trainer
+
+    started = time.time()
+    job_dir = os.path.join(out, dataset, f"seed{seed}")
+    base = [f"seed={seed}", f"data.train={_train_spec(dataset)}", f"data.test=('{_zip(dataset)}',)"]
+    if dataset != GENERALISATION:
+        base.append("data.eval_max_length=160")   # k = 3 test stories stay well below 160 tokens
+    rows = trainer.read_rows(_train_spec(dataset))
+    summary: dict = {"dataset": dataset, "seed": seed, "train_rows": len(rows), "models": {}}
+
+    teacher_config = load_config(os.path.join(ROOT, "jaxalign/configs/clutrr_teacher.py"),
+                                 base + [f"steps={teacher_steps}"])
+    teacher = trainer.train_teacher(teacher_config, os.path.join(job_dir, "teacher"), rows=rows)
+    summary["models"]["teacher"] = _model_summary(teacher)
+    # Accuracy of the teacher on the rows the rules label unambiguously (a few k >= 3 rows are ambiguous).
+    from jaxalign.distill import evaluate as evaluation
+    model = evaluation.load_model(os.path.join(job_dir, "teacher"))
+    unambiguous = {}
+    for name, test_rows in trainer.read_test_files([_zip(dataset)]).items():
+        kept = [row for row in test_rows if not solver.solve_row(row).ambiguous]
+        if kept:
+            unambiguous[name] = {"rows": len(kept), "accuracy": evaluation.evaluate_rows(model, kept)["accuracy"]}
+    summary["models"]["teacher"]["unambiguous"] = unambiguous
+
+    for variant in VARIANTS:
+        config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant}"),
+                             base + [f"steps={student_steps}",
+                                     f"distill.teacher_workdir={os.path.join(job_dir, 'teacher')}"])
+        student = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
+        summary["models"][variant] = _model_summary(student)
+    summary["wall_seconds"] = time.time() - started
+    with open(os.path.join(job_dir, "summary.json"), "w", encoding="utf-8") as stream:
+        json.dump(summary, stream, indent=1)
+    return summary
+
+
+def _zip(dataset: str) -> str:
+    return os.path.join(DATA_ROOT, f"{dataset}.zip")
+
+
+def _train_spec(dataset: str) -> str:
+    import zipfile
+    with zipfile.ZipFile(_zip(dataset)) as archive:
+        member = next(os.path.basename(i.filename) for i in archive.infolist() if i.filename.endswith("_train.csv"))
+    return f"{_zip(dataset)}:{member}"
+
+
+def _model_summary(result: dict) -> dict:
+    return {"accuracy": result["test_accuracy"], "train_seconds": result["train_seconds"],
+            "final_metrics": result["final_metrics"],
+            "truncated": {name: report["truncated"] for name, report in result["test"].items()},
+            "train_stories_truncated": result.get("train_stories_truncated", 0)}
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _load_summaries(out: str) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for dataset in [GENERALISATION, *ROBUSTNESS]:
+        folder = os.path.join(out, dataset)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name, "summary.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as stream:
+                    found.setdefault(dataset, []).append(json.load(stream))
+    return found
+
+
+def _stats(summaries: list[dict], model: str, file: str) -> tuple[float, float, int]:
+    values = [s["models"][model]["accuracy"][file] for s in summaries if file in s["models"][model]["accuracy"]]
+    return float(np.mean(values)), float(np.std(values)), len(values)
+
+
+def _cell(summaries, model, file) -> str:
+    mean, std, _ = _stats(summaries, model, file)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _file_k(name: str) -> tuple[int, int]:
+    task, k = name.split("_")[0].split(".")
+    return int(task), int(k)
+
+
+def build_report(out: str, wall_seconds: float | None, settings: dict) -> str:
+    summaries = _load_summaries(out)
+    models = ["teacher", *VARIANTS]
+    lines = [START, "## CLUTRR structured distillation (`bench/clutrr_distill.py`)", ""]
+    seeds = sorted({s["seed"] for group in summaries.values() for s in group})
+    lines.append(f"Released CLUTRR data, seeds {seeds}; accuracy per test file, mean ± std over seeds (population "
+                 "std). Teacher: edge-aware GAT over the story graph (noise edges carry a dedicated `unlabelled` "
+                 "edge type, since the released files label only the k path edges). Students: BiLSTM over "
+                 "anonymised stories, query = [source mentions; target mentions; story mean]. KD: alpha = 1, "
+                 "tau = 2; contrastive: beta = 0.5, InfoNCE temperature 0.1, 2-layer projection heads to 64 "
+                 "dimensions. Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".")
+    if wall_seconds is not None:
+        lines.append(f"Bench wall time: {wall_seconds / 60:.1f} min on the shared 2-core CPU.")
+    lines.append("")
+
+    if GENERALISATION in summaries:
+        group = summaries[GENERALISATION]
+        files = sorted(group[0]["models"]["teacher"]["accuracy"], key=_file_k)
+        ks = [_file_k(f)[1] for f in files]
+        lines += [f"### Systematic generalisation ({GENERALISATION}: train k = 2, 3; {len(group)} seeds)", "",
+                  "| model | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for model in models:
+            lines.append(f"| {MODEL_NAMES[model]} (jaxalign) | " + " | ".join(_cell(group, model, f) for f in files)
+                         + " |")
+        for name, values in PUBLISHED_K.items():
+            by_k = dict(zip(range(2, 11), values))
+            lines.append(f"| {name} (paper) | " + " | ".join(f"{by_k.get(k, float('nan')):.2f}" for k in ks) + " |")
+        unambiguous = [s["models"]["teacher"].get("unambiguous", {}) for s in group]
+        lines += ["", "Teacher accuracy on the rows the symbolic rules label unambiguously: "
+                  + ", ".join(f"k={_file_k(f)[1]}: {np.mean([u[f]['accuracy'] for u in unambiguous if f in u]):.2f}"
+                              f" ({unambiguous[0][f]['rows']} rows)" for f in files if f in unambiguous[0]) + ".", ""]
+
+    robust = [d for d in ROBUSTNESS if d in summaries]
+    if robust:
+        lines += ["### Robustness (train k = 2, 3 of one noise type, test k = 3)", "",
+                  "| train -> test | " + " | ".join(MODEL_NAMES[m] for m in models)
+                  + " | BiLSTM-Att (paper) | BERT-LSTM (paper) | GAT (paper) |",
+                  "|---|" + "---|" * (len(models) + 3)]
+        for dataset in robust:
+            group = summaries[dataset]
+            train_noise = ROBUSTNESS[dataset]
+            files = sorted(group[0]["models"]["teacher"]["accuracy"], key=_file_k)
+            for file in files:
+                task, k = _file_k(file)
+                if k != 3:
+                    continue
+                test_noise = NOISE_NAMES[task]
+                published = PUBLISHED_ROBUSTNESS.get((train_noise, test_noise))
+                paper = " | ".join(f"{v:.2f}" for v in published) if published else "- | - | -"
+                lines.append(f"| {train_noise} -> {test_noise} ({dataset}, {len(group)} seeds) | "
+                             + " | ".join(_cell(group, m, file) for m in models) + f" | {paper} |")
+        lines.append("")
+        lines.append("Own-noise k = 2 test files: " + "; ".join(
+            f"{ROBUSTNESS[d]}: " + ", ".join(f"{MODEL_NAMES[m]} {_cell(summaries[d], m, f)}" for m in models)
+            for d in robust for f in sorted(summaries[d][0]["models"]["teacher"]["accuracy"], key=_file_k)
+            if _file_k(f)[1] == 2) + ".")
+        lines.append("")
+
+    truncated = {d: sum(sum(s["models"][m]["truncated"].values()) for s in g for m in VARIANTS)
+                 for d, g in summaries.items()}
+    train_truncated = {d: g[0]["models"]["alone"]["train_stories_truncated"] for d, g in summaries.items()}
+    lines.append("Truncation: training stories longer than the training token budget (per data set): "
+                 + ", ".join(f"{d} {n}" for d, n in train_truncated.items()) + "; test stories truncated at "
+                 "evaluation (all students and seeds): " + ", ".join(f"{d} {n}" for d, n in truncated.items()) + ".")
+    lines += ["", "![accuracy against k](clutrr_accuracy_vs_k.png)", "", END]
+    return "\n".join(lines)
+
+
+def plot(out: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summaries = _load_summaries(out).get(GENERALISATION)
+    if not summaries:
+        return
+    files = sorted(summaries[0]["models"]["teacher"]["accuracy"], key=_file_k)
+    ks = [_file_k(f)[1] for f in files]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for model in ["teacher", *VARIANTS]:
+        stats = [_stats(summaries, model, f) for f in files]
+        axis.errorbar(ks, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
+                      label=f"{MODEL_NAMES[model]} (jaxalign)")
+    for name, values in PUBLISHED_K.items():
+        axis.plot(range(2, 11), values, linestyle="--", alpha=0.6, label=f"{name} (CLUTRR paper)")
+    axis.set_xlabel("path length k (trained on k = 2, 3)")
+    axis.set_ylabel("test accuracy")
+    axis.set_ylim(0, 1.05)
+    axis.set_title(f"CLUTRR {GENERALISATION}: accuracy against k ({len(summaries)} seeds, mean ± std)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def write_results(report: str, path: str) -> None:
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
+    if START in text and END in text:
+        text = text[:text.index(START)] + report + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + report + "\n"
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(text)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "clutrr_distill_bench"),
+                        help="job folders (default runs/clutrr_distill_bench, git-ignored)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--datasets", default=",".join([GENERALISATION, *ROBUSTNESS]))
+    parser.add_argument("--workers", type=int, default=5, help="parallel job processes (default 5)")
+    parser.add_argument("--teacher-steps", type=int, default=200)
+    parser.add_argument("--student-steps", type=int, default=150)
+    parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plot")
+    parser.add_argument("--job", nargs=2, metavar=("DATASET", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        run_job(args.job[0], int(args.job[1]), args.out, args.teacher_steps, args.student_steps)
+        return 0
+
+    started = time.time()
+    if not args.report_only:
+        jobs = [(d, int(s)) for s in args.seeds.split(",") for d in args.datasets.split(",")]
+        jobs = [j for j in jobs if not os.path.exists(os.path.join(args.out, j[0], f"seed{j[1]}", "summary.json"))]
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                   JAX_COMPILATION_CACHE_DIR=os.path.join(args.out, "jax_cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+        def launch(job):
+            dataset, seed = job
+            log_path = os.path.join(args.out, f"{dataset}_seed{seed}.log")
+            os.makedirs(args.out, exist_ok=True)
+            command = [sys.executable, os.path.abspath(__file__), "--job", dataset, str(seed), "--out", args.out,
+                       "--teacher-steps", str(args.teacher_steps), "--student-steps", str(args.student_steps)]
+            job_started = time.time()
+            with open(log_path, "w", encoding="utf-8") as log:
+                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            print(f"[{time.strftime('%H:%M:%S')}] {dataset} seed {seed}: exit {code} in "
+                  f"{time.time() - job_started:.0f} s (log {log_path})", flush=True)
+            return code
+
+        with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+            codes = list(pool.map(launch, jobs))
+        if any(codes):
+            print(f"{sum(1 for c in codes if c)} job(s) failed; see their logs", flush=True)
+    wall = None if args.report_only else time.time() - started
+    settings = {"teacher steps": args.teacher_steps, "student steps": args.student_steps, "batch": 64,
+                "teacher": "GAT 4 layers, width 64", "student": "BiLSTM 1 layer, 32 per direction, embed 48",
+                "train tokens": 96}
+    report = build_report(args.out, wall, settings)
+    write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"))
+    plot(args.out, os.path.join(ROOT, "bench", "clutrr_accuracy_vs_k.png"))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

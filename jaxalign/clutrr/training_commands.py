@@ -1,0 +1,100 @@
+"""`jaxalign clutrr train-teacher | distill | eval`: the structured-distillation trainers on the command line.
+
+    jaxalign clutrr train-teacher --config jaxalign/configs/clutrr_teacher.py --workdir runs/teacher
+    jaxalign clutrr distill --config jaxalign/configs/clutrr_distill.py:variant=kd_contrastive \
+        --workdir runs/student --config.distill.teacher_workdir=runs/teacher
+    jaxalign clutrr eval --checkpoint runs/student --csv 1.4_test.csv
+
+Training commands resume from the latest checkpoint in --workdir, write config.json, metrics.jsonl,
+checkpoints, the final model (model/) and eval.json, and print a JSON summary. `eval` accepts any CSV in the
+released format (for example a file written by `jaxalign clutrr generate`) and prints JSON with the accuracy
+overall, per noise task, per k and per (task, k).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+_CONFIG_HELP = ("config file and optional variant, e.g. jaxalign/configs/clutrr_distill.py:variant=kd,quick "
+                "(the file's docstring lists its variants)")
+_OVERRIDE_HELP = ("any config field may follow as --config.a.b=value (typed after the default), e.g. "
+                  "--config.steps=500 --config.data.train=data.zip:1.2,1.3_train.csv")
+
+
+def _summary(result: dict) -> dict:
+    """The headline numbers of a run: steps, time, last training metrics, accuracy per test file."""
+    return {key: result.get(key) for key in ("workdir", "role", "steps", "train_seconds", "final_metrics",
+                                             "train_stories_truncated", "test_accuracy") if key in result}
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from jaxalign.configs.base import load_config
+    from jaxalign.distill import trainer
+
+    result = trainer.train_teacher(load_config(args.config, args.overrides), args.workdir)
+    print(json.dumps(_summary(result), indent=1, default=str))
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from jaxalign.configs.base import load_config
+    from jaxalign.distill import trainer
+
+    result = trainer.train_student(load_config(args.config, args.overrides), args.workdir)
+    print(json.dumps(_summary(result), indent=1, default=str))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxalign.clutrr import reader
+    from jaxalign.distill import evaluate
+
+    model = evaluate.load_model(args.checkpoint)
+    reports = {}
+    for path in args.csv:
+        read_report = reader.ReadReport()
+        rows = reader.read_csv(path, skip_bad=args.skip_bad, report=read_report)
+        if not rows:
+            raise SystemExit(f"{path}: no usable rows ({read_report.rows_skipped} skipped); nothing to evaluate")
+        report = evaluate.evaluate_rows(model, rows, batch_size=args.batch_size)
+        report["rows_skipped"] = read_report.rows_skipped
+        reports[path] = report
+    header = {"checkpoint": args.checkpoint, "role": model.role, "model": model.config.kind}
+    if len(args.csv) == 1:
+        (path, report), = reports.items()
+        output = {**header, "csv": path, **report}
+    else:
+        output = {**header, "files": reports}
+    print(json.dumps(output, indent=1))
+    return 0
+
+
+def add_training_commands(clutrr_subparsers: argparse._SubParsersAction) -> None:
+    """Adds train-teacher, distill and eval under `jaxalign clutrr`."""
+    for name, func, summary, description in (
+        ("train-teacher", _train_teacher, "pretrain the GNN teacher on story graphs",
+         "Trains (or resumes) the edge-type-aware GNN teacher on the symbolic graphs of a CLUTRR training CSV "
+         "(noise edges, which the released files leave unlabelled, get a dedicated 'unlabelled' edge type), "
+         "then evaluates it on the config's test files. Writes checkpoints, metrics.jsonl, config.json, model/ "
+         "and eval.json in --workdir and prints a JSON summary."),
+        ("distill", _distill, "train a text student, optionally distilled from a trained teacher",
+         "Trains (or resumes) a BiLSTM or transformer student over anonymised stories with CE + alpha * KD + "
+         "beta * contrastive (InfoNCE) alignment to a frozen teacher (--config.distill.teacher_workdir; "
+         "alpha = beta = 0 trains the student alone), then evaluates it on the config's test files."),
+    ):
+        parser = clutrr_subparsers.add_parser(name, help=summary, description=description, epilog=_OVERRIDE_HELP)
+        parser.add_argument("--config", required=True, help=_CONFIG_HELP)
+        parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, model/)")
+        parser.set_defaults(func=func, overrides=[], accepts_config_overrides=True)
+
+    evaluate = clutrr_subparsers.add_parser(
+        "eval", help="accuracy of a trained teacher or student on CSV files, as JSON",
+        description="Loads the model of a finished train-teacher / distill run (its workdir or model/ folder) "
+                    "and prints JSON with accuracy overall, per noise task, per k and per (task, k), plus counts "
+                    "of truncated stories and of answers outside the model's labels (counted as wrong).")
+    evaluate.add_argument("--checkpoint", required=True, help="workdir of a finished run, or its model/ folder")
+    evaluate.add_argument("--csv", required=True, action="append",
+                          help="CSV in the released CLUTRR format (repeat for several files)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip malformed rows (counted in the output)")
+    evaluate.set_defaults(func=_eval)

@@ -1,0 +1,48 @@
+"""CLUTRR GNN teacher pretraining (jaxalign.distill.trainer.train_teacher).
+
+    jaxalign clutrr train-teacher --config jaxalign/configs/clutrr_teacher.py --workdir runs/clutrr_teacher
+    jaxalign clutrr train-teacher --config jaxalign/configs/clutrr_teacher.py:quick --workdir /tmp/teacher \
+        --config.data.train=/tmp/clutrr/1.2,1.3_train.csv --config.data.test="('/tmp/clutrr',)"
+
+Variants (`:key=value,...`): `quick` (tiny model, 150 steps, for generated data and demos),
+`dataset=<name>` picks a released set under `data_root` (default data_089907f8; the training file is the one
+whose name ends in `_train.csv`), `data_root=<folder>`.
+"""
+from __future__ import annotations
+
+from jaxalign.configs.base import ConfigDict, parse_arg
+from jaxalign.configs.clutrr_data import data_config
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    arg = parse_arg(arg, quick=False, dataset="data_089907f8", data_root="../shared/data/clutrr")
+    config = ConfigDict()
+    config.seed = 0
+    config.mesh = (-1, 1, 1)
+    config.data = data_config(arg)
+
+    config.model = ConfigDict()
+    config.model.kind = "gat"
+    config.model.hidden = 32 if arg.quick else 64
+    config.model.num_layers = 3 if arg.quick else 4
+    config.model.num_heads = 4
+    config.model.random_features = 0
+    config.model.reverse_edges = True
+    config.model.dtype = "float32"
+
+    config.batch_size = 32 if arg.quick else 64
+    config.steps = 150 if arg.quick else 200
+    config.lr = 3e-3
+    config.warmup_ratio = 0.05
+    config.weight_decay = 1e-4
+    config.clip_norm = 1.0
+    config.eval_batch_size = 128
+
+    config.train = ConfigDict()
+    config.train.accum_steps = 1
+    config.train.log_every = 25
+    config.train.checkpoint_every = 1000
+    config.train.keep = 2
+    config.train.async_checkpoints = True
+    config.train.progress = False
+    return config

@@ -1,0 +1,245 @@
+"""Saved CLUTRR models and their accuracy per test file, noise task and path length k.
+
+A trainer (`jaxalign.distill.trainer`) ends by writing its model to `<workdir>/model/`:
+
+  model.json   {"role": "teacher" | "student", "model_config": {...}, "labels": vocabulary,
+                "edge_types": vocabulary (teacher), "words": vocabulary (student), "max_length": ...}
+  params.npz   the model's parameters, one array per '/'-joined path (teacher and heads are not part of a
+               student's file: only the student is used at test time)
+
+`load_model` reads that folder back (or a run's workdir holding one) and `evaluate_rows` runs it on any rows in
+the released CSV format. Rows whose answer is not one of the model's labels cannot be predicted correctly: they
+are counted as wrong and reported (`unknown_labels`), never dropped. Stories longer than the evaluation token
+budget are truncated and counted (`truncated`).
+
+Public API:
+  UNLABELLED_EDGE: the edge type of noise edges (the released data labels only the k path edges)
+  graph_rows(rows) -> rows whose every story edge has a type (noise edges typed UNLABELLED_EDGE)
+  SavedModel(role, config, params, labels, edge_types, words, max_length)
+  save_model(directory, model) / load_model(path) -> SavedModel
+  predict(model, rows, batch_size=64, max_length=None) -> (predictions [N] int, report dict)
+  accuracy_report(rows, predictions, labels) -> {"rows", "correct", "accuracy", "per_task", "per_k", ...}
+  evaluate_rows(model, rows, batch_size=64) -> accuracy report with truncation / unknown-label counts
+  evaluate_files(model, files: {name: rows}) -> {name: report}
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxalign.clutrr.reader import ClutrrRow
+from jaxalign.distill import clutrr_batches
+from jaxalign.models import gnn, text_encoders
+
+UNLABELLED_EDGE = "unlabelled"
+MODEL_FILE, PARAMS_FILE = "model.json", "params.npz"
+
+
+def graph_rows(rows: Sequence[ClutrrRow]) -> list[ClutrrRow]:
+    """Rows with one edge type per story edge: noise edges get `UNLABELLED_EDGE`.
+
+    The released CSVs list relation labels only for the k path edges (`edge_types` has k entries while
+    `story_edges` also holds the noise edges). The teacher still sees the noise edges, as edges of a dedicated
+    'unlabelled' type, so that noise changes its graph as it changes the students' stories.
+    """
+    fixed = []
+    for row in rows:
+        missing = len(row.story_edges) - len(row.edge_types)
+        fixed.append(dataclasses.replace(row, edge_types=tuple(row.edge_types) + (UNLABELLED_EDGE,) * missing)
+                     if missing > 0 else row)
+    return fixed
+
+
+def teacher_edge_vocabulary() -> clutrr_batches.Vocabulary:
+    """The 22 gendered relations plus the `UNLABELLED_EDGE` type of noise edges."""
+    return clutrr_batches.edge_type_vocabulary(clutrr_batches.EDGE_TYPE_LABELS + (UNLABELLED_EDGE,))
+
+
+# ------------------------------------------------------------------------------------------ model files
+
+
+@dataclasses.dataclass
+class SavedModel:
+    """A trained teacher or student with what is needed to featurise rows for it.
+
+    Attributes:
+      role: 'teacher' (GNN over graphs) or 'student' (text encoder over anonymised stories).
+      config: `gnn.GNNConfig` or `text_encoders.TextEncoderConfig`.
+      params: the model's parameter pytree.
+      labels: answer classes.
+      edge_types: edge vocabulary (teacher only).
+      words: word vocabulary (student only).
+      max_length: token budget used at evaluation (student only).
+    """
+
+    role: str
+    config: Any
+    params: Any
+    labels: clutrr_batches.Vocabulary
+    edge_types: clutrr_batches.Vocabulary | None = None
+    words: clutrr_batches.Vocabulary | None = None
+    max_length: int | None = None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = np.asarray(jax.device_get(value))
+    return flat
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def save_model(directory: str, model: SavedModel) -> str:
+    """Writes `model.json` and `params.npz` into `directory` (created); returns the directory."""
+    os.makedirs(directory, exist_ok=True)
+    description = {"role": model.role, "model_config": dataclasses.asdict(model.config),
+                   "labels": model.labels.to_json(), "max_length": model.max_length,
+                   "edge_types": model.edge_types.to_json() if model.edge_types else None,
+                   "words": model.words.to_json() if model.words else None}
+    np.savez(os.path.join(directory, PARAMS_FILE), **_flatten(model.params))
+    with open(os.path.join(directory, MODEL_FILE), "w", encoding="utf-8") as stream:
+        json.dump(description, stream, indent=1)
+    return directory
+
+
+def load_model(path: str) -> SavedModel:
+    """Reads a model folder written by `save_model`, or a training workdir holding one in `model/`."""
+    directory = path
+    if not os.path.exists(os.path.join(directory, MODEL_FILE)) and os.path.exists(
+            os.path.join(path, "model", MODEL_FILE)):
+        directory = os.path.join(path, "model")
+    model_file = os.path.join(directory, MODEL_FILE)
+    if not os.path.exists(model_file):
+        raise FileNotFoundError(f"{path} holds no {MODEL_FILE} (nor model/{MODEL_FILE}); pass the workdir of a "
+                                "finished `jaxalign clutrr train-teacher` / `distill` run or its model/ folder")
+    with open(model_file, encoding="utf-8") as stream:
+        description = json.load(stream)
+    role = description.get("role")
+    if role == "teacher":
+        config = gnn.GNNConfig(**description["model_config"])
+    elif role == "student":
+        config = text_encoders.TextEncoderConfig(**description["model_config"])
+    else:
+        raise ValueError(f"{model_file}: role must be 'teacher' or 'student', found {role!r}")
+    with np.load(os.path.join(directory, PARAMS_FILE)) as arrays:
+        params = _unflatten({name: arrays[name] for name in arrays.files})
+    vocabulary = lambda key, kind: (clutrr_batches.Vocabulary.from_json(description[key], kind)  # noqa: E731
+                                    if description.get(key) else None)
+    return SavedModel(role, config, params, vocabulary("labels", "labels"), vocabulary("edge_types", "edge_types"),
+                      vocabulary("words", "words"), description.get("max_length"))
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def _known_label_rows(rows: Sequence[ClutrrRow], labels: clutrr_batches.Vocabulary) -> tuple[list, np.ndarray]:
+    """Rows whose target is a known label; an unknown target is replaced by labels[0] and flagged."""
+    known = np.array([row.target in labels for row in rows], bool)
+    fixed = [row if ok else dataclasses.replace(row, target=labels.tokens[0]) for row, ok in zip(rows, known)]
+    return fixed, known
+
+
+def make_predict_fn(model: SavedModel):
+    """Jitted `(params, batch) -> predicted class ids [B]` for the model's role."""
+    if model.role == "teacher":
+        return jax.jit(lambda params, batch: gnn.apply(params, batch, model.config).logits.argmax(-1))
+    return jax.jit(lambda params, batch: text_encoders.apply(params, batch, model.config).logits.argmax(-1))
+
+
+def featurise(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int, max_length: int,
+              report: clutrr_batches.TextReport, seed: int = 0) -> dict[str, np.ndarray]:
+    """One padded model input batch of `rows` (at most batch_size of them)."""
+    if model.role == "teacher":
+        return clutrr_batches.graph_batch(graph_rows(rows), model.labels, model.edge_types, model.config.max_nodes,
+                                          model.config.max_edges, batch_size=batch_size)
+    return clutrr_batches.text_batch(rows, model.words, model.labels, max_length, seed, report=report,
+                                     batch_size=batch_size)
+
+
+def predict(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, max_length: int | None = None,
+            predict_fn=None, params=None) -> tuple[np.ndarray, dict]:
+    """Predicted class ids [N] for `rows`, and a report {'truncated', 'query_mentions_lost', 'unknown_labels'}.
+
+    Students read stories anonymised with a fixed seed (deterministic) and truncated to `max_length` tokens
+    (default: the model's evaluation budget; a transformer never beyond its position table).
+    """
+    rows, known = _known_label_rows(rows, model.labels)
+    if max_length is None:
+        max_length = model.max_length or getattr(model.config, "max_length", 256)
+    if model.role == "student" and model.config.kind == "transformer":
+        max_length = min(max_length, model.config.max_length)
+    predict_fn = predict_fn or make_predict_fn(model)
+    params = model.params if params is None else params
+    text_report = clutrr_batches.TextReport()
+    predictions = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = featurise(model, chunk, batch_size, max_length, text_report, seed=start)
+        predictions.append(np.asarray(predict_fn(params, batch))[:len(chunk)])
+    predictions = np.concatenate(predictions) if predictions else np.zeros((0,), np.int64)
+    return predictions, {"truncated": text_report.truncated, "query_mentions_lost": text_report.query_mentions_lost,
+                         "unknown_labels": int((~known).sum()), "known": known}
+
+
+# --------------------------------------------------------------------------------------------- accuracy
+
+
+def accuracy_report(rows: Sequence[ClutrrRow], correct: np.ndarray) -> dict:
+    """Accuracy overall, per noise task ('task_1'...), per k ('2'...), and per task and k ('1.2'...)."""
+    groups: dict[str, dict[str, list[bool]]] = {"per_task": collections.defaultdict(list),
+                                                 "per_k": collections.defaultdict(list),
+                                                 "per_task_k": collections.defaultdict(list)}
+    for row, ok in zip(rows, correct):
+        groups["per_task"][f"task_{row.noise_task}"].append(bool(ok))
+        groups["per_k"][str(row.k)].append(bool(ok))
+        groups["per_task_k"][f"{row.noise_task}.{row.k}"].append(bool(ok))
+    report = {"rows": len(rows), "correct": int(np.sum(correct)),
+              "accuracy": float(np.mean(correct)) if len(rows) else float("nan")}
+    for name, group in groups.items():
+        report[name] = {key: {"rows": len(values), "accuracy": float(np.mean(values))}
+                        for key, values in sorted(group.items(), key=lambda item: _sort_key(item[0]))}
+    return report
+
+
+def _sort_key(key: str) -> tuple:
+    parts = key.replace("task_", "").split(".")
+    return tuple(int(part) if part.isdigit() else 0 for part in parts)
+
+
+def evaluate_rows(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, predict_fn=None,
+                  params=None) -> dict:
+    """Accuracy report of `model` on `rows` plus truncation and unknown-label counts."""
+    predictions, details = predict(model, rows, batch_size, predict_fn=predict_fn, params=params)
+    labels = np.array([model.labels.id(row.target) if row.target in model.labels else -1 for row in rows])
+    correct = (predictions == labels) & details["known"]
+    report = accuracy_report(rows, correct)
+    report.update(truncated=details["truncated"], query_mentions_lost=details["query_mentions_lost"],
+                  unknown_labels=details["unknown_labels"])
+    return report
+
+
+def evaluate_files(model: SavedModel, files: dict[str, Sequence[ClutrrRow]], batch_size: int = 64,
+                   params=None) -> dict[str, dict]:
+    """{file name: evaluate_rows report}, compiling the model's prediction function once."""
+    predict_fn = make_predict_fn(model)
+    return {name: evaluate_rows(model, rows, batch_size, predict_fn, params) for name, rows in files.items()}
