@@ -259,7 +259,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--datasets", default=",".join([GENERALISATION, *ROBUSTNESS]))
     parser.add_argument("--workers", type=int, default=5, help="parallel job processes (default 5)")
-    parser.add_argument("--teacher-steps", type=int, default=200)
+    parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--student-steps", type=int, default=150)
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plot")
     parser.add_argument("--job", nargs=2, metavar=("DATASET", "SEED"), help=argparse.SUPPRESS)
