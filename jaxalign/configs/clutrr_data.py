@@ -1,4 +1,4 @@
-"""The `data` section shared by the CLUTRR teacher and distillation configs (no get_config: not a run config).
+"""The sections shared by the CLUTRR teacher and distillation configs (no get_config: not a run config).
 
 A training spec is 'file.csv' or 'archive.zip:member.csv'; test specs are CSV files, zips or folders (every
 `*_test.csv` in them).
@@ -34,3 +34,21 @@ def data_config(arg: ConfigDict) -> ConfigDict:
     data.train_max_length = 64 if arg.quick else 96      # 99th percentile of k = 2, 3 stories: 79 tokens
     data.eval_max_length = 128 if arg.quick else 256     # longest released test story (k = 10): 229 tokens
     return data
+
+
+def optimisation_and_loop(config: ConfigDict, quick: bool) -> None:
+    """Sets the optimiser and training-loop fields that both CLUTRR trainers share (steps are set per config)."""
+    config.batch_size = 32 if quick else 64
+    config.lr = 3e-3
+    config.warmup_ratio = 0.05
+    config.weight_decay = 1e-4
+    config.clip_norm = 1.0
+    config.eval_batch_size = 128
+
+    config.train = ConfigDict()
+    config.train.accum_steps = 1
+    config.train.log_every = 25
+    config.train.checkpoint_every = 1000
+    config.train.keep = 2
+    config.train.async_checkpoints = True
+    config.train.progress = False

@@ -11,7 +11,7 @@ Variants (`:key=value,...`): `variant=alone|kd|kd_contrastive` (alpha, beta = 0,
 from __future__ import annotations
 
 from jaxalign.configs.base import ConfigDict, parse_arg
-from jaxalign.configs.clutrr_data import data_config
+from jaxalign.configs.clutrr_data import data_config, optimisation_and_loop
 
 _VARIANTS = {"alone": (0.0, 0.0), "kd": (1.0, 0.0), "kd_contrastive": (1.0, 0.5)}
 
@@ -43,19 +43,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.distill.temperature = 0.1     # InfoNCE temperature
     config.distill.shared_dim = 64
 
-    config.batch_size = 32 if arg.quick else 64
+    optimisation_and_loop(config, arg.quick)
     config.steps = 150 if arg.quick else 250
-    config.lr = 3e-3
-    config.warmup_ratio = 0.05
-    config.weight_decay = 1e-4
-    config.clip_norm = 1.0
-    config.eval_batch_size = 128
-
-    config.train = ConfigDict()
-    config.train.accum_steps = 1
-    config.train.log_every = 25
-    config.train.checkpoint_every = 1000
-    config.train.keep = 2
-    config.train.async_checkpoints = True
-    config.train.progress = False
     return config

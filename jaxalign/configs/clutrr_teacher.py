@@ -11,7 +11,7 @@ whose name ends in `_train.csv`), `data_root=<folder>`.
 from __future__ import annotations
 
 from jaxalign.configs.base import ConfigDict, parse_arg
-from jaxalign.configs.clutrr_data import data_config
+from jaxalign.configs.clutrr_data import data_config, optimisation_and_loop
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -30,19 +30,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.model.reverse_edges = True
     config.model.dtype = "float32"
 
-    config.batch_size = 32 if arg.quick else 64
+    optimisation_and_loop(config, arg.quick)
     config.steps = 150 if arg.quick else 1500   # 200 steps left k = 3 at 0.92; 1500 reach 0.95 (bench/RESULTS.md)
-    config.lr = 3e-3
-    config.warmup_ratio = 0.05
-    config.weight_decay = 1e-4
-    config.clip_norm = 1.0
-    config.eval_batch_size = 128
-
-    config.train = ConfigDict()
-    config.train.accum_steps = 1
-    config.train.log_every = 25
-    config.train.checkpoint_every = 1000
-    config.train.keep = 2
-    config.train.async_checkpoints = True
-    config.train.progress = False
     return config
