@@ -1,31 +1,37 @@
 # Two commands a new user needs:  `make demo`  (the main job)  and  `make test`  (the test suite).
-# Each creates .venv and installs what it needs on first use.
+# Each creates .venv and installs what it needs on first use: the demo needs the package alone; the tests also
+# need pytest and, for the parity checks against Hugging Face models, transformers with the CPU build of torch.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+BASE_STAMP := $(VENV)/.installed-base
+TEST_STAMP := $(VENV)/.installed-test
 # 8 fake CPU devices so that the sharding tests run on one CPU host.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 DEMO_OUT ?= runs/demo
 
 .PHONY: install test demo bench clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-$(STAMP): setup.cfg requirements.txt pyproject.toml
+$(BASE_STAMP): setup.cfg requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: asked for later (through transformers) pip would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q -e ".[test,hf]"
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $@
 
-test: $(STAMP)
+$(TEST_STAMP): $(BASE_STAMP)
+	# The CPU build of torch first: asked for later (through transformers) pip would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,hf]"
+	touch $@
+
+test: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m jaxalign.cli demo --out $(DEMO_OUT)
 
-bench: $(STAMP)
+bench: $(BASE_STAMP)
 	$(PY) bench/retrieval.py
 
 clean:
