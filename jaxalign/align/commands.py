@@ -13,6 +13,8 @@ import argparse
 import importlib.util
 import json
 
+from jaxalign import cli
+
 _CONFIG_HELP = ("config file and optional variant, e.g. jaxalign/configs/tinyalign_tiny.py:stage=2,retrieval=off "
                 "(the file's docstring lists its variants)")
 _OVERRIDE_HELP = ("any config field may follow as --config.a.b=value (typed after the default), e.g. "
@@ -69,10 +71,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
          "perplexity and VQA accuracy per question type (greedy generation with the KV cache, retrieval at "
          "prefill). Prints a JSON summary."),
     ):
-        parser = subparsers.add_parser(name, help=summary, description=description, epilog=_OVERRIDE_HELP)
-        parser.add_argument("--config", required=True, help=_CONFIG_HELP)
-        parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, results)")
-        parser.set_defaults(func=func, overrides=[], accepts_config_overrides=True)
+        cli.add_config_command(subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
+                               override_help=_OVERRIDE_HELP, workdir_help="run directory (checkpoints, metrics, results)")
     # `jaxalign demo` lives in its own module (jaxalign/align/demo.py); it is offered when that module exists.
     if importlib.util.find_spec("jaxalign.align.demo") is not None:
         from jaxalign.align import demo

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from jaxalign import cli
+
 _CONFIG_HELP = ("config file and optional variant, e.g. jaxalign/configs/clutrr_distill.py:variant=kd,quick "
                 "(the file's docstring lists its variants)")
 _OVERRIDE_HELP = ("any config field may follow as --config.a.b=value (typed after the default), e.g. "
@@ -82,10 +84,8 @@ def add_training_commands(clutrr_subparsers: argparse._SubParsersAction) -> None
          "beta * contrastive (InfoNCE) alignment to a frozen teacher (--config.distill.teacher_workdir; "
          "alpha = beta = 0 trains the student alone), then evaluates it on the config's test files."),
     ):
-        parser = clutrr_subparsers.add_parser(name, help=summary, description=description, epilog=_OVERRIDE_HELP)
-        parser.add_argument("--config", required=True, help=_CONFIG_HELP)
-        parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, model/)")
-        parser.set_defaults(func=func, overrides=[], accepts_config_overrides=True)
+        cli.add_config_command(clutrr_subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
+                               override_help=_OVERRIDE_HELP, workdir_help="run directory (checkpoints, metrics, model/)")
 
     evaluate = clutrr_subparsers.add_parser(
         "eval", help="accuracy of a trained teacher or student on CSV files, as JSON",
