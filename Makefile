@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-clutrr clean
 
 install: $(TEST_STAMP)
 
@@ -33,6 +33,10 @@ demo: $(BASE_STAMP)
 
 bench: $(BASE_STAMP)
 	$(PY) bench/retrieval.py
+
+# CLUTRR teacher and students on ../shared/data/clutrr (about 95 min on 2 CPU cores).
+bench-clutrr: $(BASE_STAMP)
+	$(PY) bench/clutrr_distill.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache

@@ -1,0 +1,54 @@
+"""The CLUTRR benchmark's report: mean ± std per test file from job summaries, recorded settings, marker splice."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("clutrr_bench", os.path.join(ROOT, "bench", "clutrr_distill.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _model(accuracy: dict) -> dict:
+    return {"accuracy": accuracy, "train_seconds": 1.0, "final_metrics": {}, "train_stories_truncated": 3,
+            "truncated": {name: 0 for name in accuracy}}
+
+
+def _write_job(out, dataset, seed, accuracy_by_model, steps=(1500, 2000)):
+    folder = out / dataset / f"seed{seed}"
+    folder.mkdir(parents=True)
+    summary = {"dataset": dataset, "seed": seed, "teacher_steps": steps[0], "student_steps": steps[1],
+               "models": {name: _model(acc) for name, acc in accuracy_by_model.items()}}
+    summary["models"]["teacher"]["unambiguous"] = {f: {"rows": 10, "accuracy": 1.0} for f in accuracy_by_model["teacher"]}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def _accuracies(k2: float, k3: float) -> dict:
+    files = {"1.2_test.csv": k2, "1.3_test.csv": k3}
+    return {name: dict(files) for name in ("teacher", *bench.VARIANTS)}
+
+
+def test_report_gives_mean_and_population_std_over_seeds_and_the_recorded_steps(tmp_path):
+    _write_job(tmp_path, bench.GENERALISATION, 0, _accuracies(1.0, 0.90))
+    _write_job(tmp_path, bench.GENERALISATION, 1, _accuracies(0.8, 0.96))
+    report = bench.build_report(str(tmp_path), None, {"teacher steps": 1500, "student steps": 2000})
+    teacher_row = next(line for line in report.splitlines() if line.startswith("| GNN teacher"))
+    assert teacher_row == "| GNN teacher (jaxalign) | 0.90 ± 0.10 | 0.93 ± 0.03 |"
+    assert "seeds [0, 1]" in report and "student steps = 2000" in report
+    assert bench._recorded_steps(str(tmp_path)) == (1500, 2000)
+
+
+def test_jobs_with_different_steps_are_refused(tmp_path):
+    _write_job(tmp_path, bench.GENERALISATION, 0, _accuracies(1.0, 0.9))
+    _write_job(tmp_path, bench.GENERALISATION, 1, _accuracies(1.0, 0.9), steps=(200, 150))
+    with pytest.raises(ValueError, match="different or unrecorded step counts"):
+        bench._recorded_steps(str(tmp_path))
+
+
+def test_write_results_replaces_only_the_text_between_the_markers(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# Results\nbefore\n{bench.START}\nold table\n{bench.END}\nafter: a reading\n")
+    bench.write_results(f"{bench.START}\nnew table\n{bench.END}", str(path))
+    assert path.read_text() == f"# Results\nbefore\n{bench.START}\nnew table\n{bench.END}\nafter: a reading\n"
