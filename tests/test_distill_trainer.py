@@ -11,7 +11,7 @@ import pytest
 from jaxalign import sharding as sharding_lib
 from jaxalign.clutrr import generator
 from jaxalign.configs.base import load_config
-from jaxalign.distill import clutrr_batches, evaluate, trainer
+from jaxalign.distill import clutrr_batches, evaluate, losses, trainer
 from jaxalign.models import gnn, layers, text_encoders
 from jaxalign.train import step as step_lib
 
@@ -47,9 +47,11 @@ def teacher_run(rows, eight_devices, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def student_run(rows, teacher_run, tmp_path_factory):
-    """Student + KD + contrastive, 8 steps with checkpoints at 4 and 8."""
+    """Student + KD + contrastive + entity-level FitNets + relational KD, 8 steps with checkpoints at 4 and 8."""
     workdir = str(tmp_path_factory.mktemp("student"))
-    config = student_config("kd_contrastive", 8, teacher_run[0], ["train.checkpoint_every=4"])
+    config = student_config("kd_contrastive", 8, teacher_run[0], ["train.checkpoint_every=4",
+                                                                  "distill.entity_weight=1.0",
+                                                                  "distill.rkd_weight=0.5"])
     return workdir, trainer.train_student(config, workdir, rows=rows), config
 
 
@@ -70,14 +72,14 @@ def test_teacher_trains_on_eight_devices_and_loss_decreases(teacher_run):
     assert model.role == "teacher" and model.edge_types.tokens[-1] == evaluate.UNLABELLED_EDGE
 
 
-def test_student_with_kd_and_contrastive_trains_and_loss_decreases(student_run):
+def test_student_with_every_distillation_term_trains_and_loss_decreases(student_run):
     workdir, summary, _ = student_run
     cross_entropy = _losses(workdir, "cross_entropy")
-    kd, contrastive = _losses(workdir, "kd"), _losses(workdir, "contrastive")
     assert summary["steps"] == 8 and len(cross_entropy) == 8
     assert np.mean(cross_entropy[-2:]) < np.mean(cross_entropy[:2])
     assert np.mean(_losses(workdir)[-2:]) < np.mean(_losses(workdir)[:2])
-    assert min(kd) > 0 and min(contrastive) > 0
+    for term in ("kd", "contrastive", "entity", "relational"):
+        assert len(_losses(workdir, term)) == 8 and min(_losses(workdir, term)) > 0, term
     model = evaluate.load_model(workdir)
     assert model.role == "student" and set(model.params) == set(text_encoders.param_specs(model.config))
 
@@ -144,6 +146,39 @@ def test_kd_and_contrastive_terms_change_the_loss_and_reach_the_heads(distill_se
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(both_grads["heads"]["teacher"]))) > 0.0
     # No gradient flows into the teacher through KD or the contrastive term.
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(both_grads["teacher"]))) == 0.0
+
+
+def test_entity_and_relational_terms_against_a_reference(distill_setup):
+    """entity = mean over mentioned (example, node) pairs of the mean squared error of W s + b against the node
+    state; relational = RKD distance + angle of the latents; both add to the loss with their weights."""
+    config, student_config_, teacher, _, params, batch = distill_setup
+    params = dict(params, heads=dict(params["heads"], entity=layers.init_params(
+        losses.fitnets_spec(student_config_.state_dim, teacher.config.hidden), jax.random.PRNGKey(2))))
+    distill = config.distill.copy_and_resolve_references()
+    distill.alpha, distill.beta, distill.entity_weight, distill.rkd_weight = 0.0, 0.0, 2.0, 0.5
+    loss_fn = trainer.student_loss_fn(student_config_, teacher.config, distill)
+    (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
+
+    student = text_encoders.apply(params["student"], batch["text"], student_config_)
+    graph = gnn.apply(params["teacher"], batch["graph"], teacher.config)
+    token_node, node_mask = np.asarray(batch["text"]["token_node"]), np.asarray(batch["graph"]["node_mask"])
+    kernel, bias = (np.asarray(params["heads"]["entity"][name], np.float64) for name in ("kernel", "bias"))
+    errors = []
+    for b in range(token_node.shape[0]):
+        for node in sorted(set(token_node[b][token_node[b] >= 0].tolist())):
+            assert node_mask[b, node]
+            mentions = token_node[b] == node
+            pooled = np.asarray(student.token_states[b], np.float64)[mentions].mean(0)
+            errors.append(np.mean((pooled @ kernel + bias - np.asarray(graph.node_states[b, node])) ** 2))
+    assert len(errors) > 2 * token_node.shape[0]          # most stories mention 3 or more people
+    np.testing.assert_allclose(float(metrics["entity"]), np.mean(errors), rtol=1e-4)
+    relational = (losses.rkd_distance_loss(student.latent, graph.latent, batch["text"]["example_mask"])
+                  + losses.rkd_angle_loss(student.latent, graph.latent, batch["text"]["example_mask"]))
+    np.testing.assert_allclose(float(metrics["relational"]), float(relational), rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(metrics["cross_entropy"]) + 2.0 * np.mean(errors)
+                               + 0.5 * float(relational), rtol=1e-4)
+    assert float(jnp.abs(grads["heads"]["entity"]["kernel"]).sum()) > 0            # the regressor learns
+    assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads["teacher"]))) == 0.0
 
 
 def test_teacher_params_stay_bitwise_unchanged_during_distillation(distill_setup, eight_devices):

@@ -4,7 +4,9 @@
         --config.distill.teacher_workdir=runs/clutrr_teacher
     jaxalign clutrr distill --config jaxalign/configs/clutrr_distill.py:variant=alone --workdir runs/alone
 
-Loss: CE + alpha * tau^2 * KL(teacher_tau || student_tau) + beta * InfoNCE(projected latents; temperature).
+Loss: CE + alpha * tau^2 * KL(teacher_tau || student_tau) + beta * InfoNCE(projected latents; temperature)
+      [+ entity_weight * FitNets(entity states -> node states) + rkd_weight * RKD(latents)], e.g.
+      --config.distill.entity_weight=1.0 --config.distill.rkd_weight=1.0.
 Variants (`:key=value,...`): `variant=alone|kd|kd_contrastive` (alpha, beta = 0,0 / 1,0 / 1,0.5),
 `student=bilstm|transformer`, `quick` (tiny model, 150 steps), `dataset=<name>`, `data_root=<folder>`.
 """
@@ -42,6 +44,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.distill.tau = 2.0             # KD temperature
     config.distill.temperature = 0.1     # InfoNCE temperature
     config.distill.shared_dim = 64
+    # Optional terms (off in every variant): entity-level FitNets alignment of the student's per-person states
+    # with the GNN's node states, and relational KD (distances and angles) between the two latents.
+    config.distill.entity_weight = 0.0
+    config.distill.rkd_weight = 0.0
 
     optimisation_and_loop(config, arg.quick)
     config.steps = 150 if arg.quick else 250

@@ -8,10 +8,14 @@ Reasoning", EMNLP 2020, as reconstructed in CLUTRR_DISTILL.md):
 
     CE(label) + alpha * tau^2 * KL(teacher_tau || student_tau) + beta * InfoNCE(head_s(student latent),
                                                                                head_t(teacher latent); temperature)
+      [+ entity_weight * FitNets(W @ student entity states, GNN node states)   (entity-level alignment, optional)
+       + rkd_weight * (RKD distance + RKD angle)(student latent, teacher latent)]   (relational KD, optional)
 
 The teacher is loaded from its run's `model/` folder and frozen by a freeze rule (`('teacher/.*', None)`): no
-gradient, no optimizer state, not re-saved in checkpoints. The projection heads train with the student and are
-dropped at test time. alpha = beta = 0 trains the student alone (no teacher is loaded).
+gradient, no optimizer state, not re-saved in checkpoints. The projection heads (and the FitNets regressor of
+the entity term) train with the student and are dropped at test time. With every weight 0 the student trains
+alone (no teacher is loaded). The entity term compares, per story, the mean student state over each person's
+mentions with that person's GNN node state, over the people the (possibly truncated) story mentions.
 
 Both trainers run on `jaxalign.train` (a (data, fsdp, tensor) mesh, sharded state, orbax checkpoints with exact
 resume, metrics.jsonl, a progress bar, config.json) with static shapes: graphs padded to
@@ -133,18 +137,36 @@ def _masked_accuracy(logits, labels, mask):
     return jnp.sum((logits.argmax(-1) == labels) * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
+def distill_weights(distill: ml_collections.ConfigDict) -> dict[str, float]:
+    """The weight of each teacher-dependent loss term: alpha (KD), beta (InfoNCE), entity, relational.
+
+    Configs written before the entity and relational terms existed have no such fields: they count as 0.
+    """
+    return {"alpha": float(distill.alpha), "beta": float(distill.beta),
+            "entity": float(distill.get("entity_weight", 0.0)), "relational": float(distill.get("rkd_weight", 0.0))}
+
+
+def needs_teacher(distill: ml_collections.ConfigDict) -> bool:
+    """Whether any distillation term is on (then a teacher must be loaded)."""
+    return any(weight > 0 for weight in distill_weights(distill).values())
+
+
 def student_loss_fn(student_config: text_encoders.TextEncoderConfig, teacher_config: gnn.GNNConfig | None,
                     distill: ml_collections.ConfigDict) -> Callable:
-    """`loss_fn(params, batch, rng)` of a student: CE + alpha * KD + beta * InfoNCE.
+    """`loss_fn(params, batch, rng)` of a student: CE + alpha * KD + beta * InfoNCE (+ entity + relational terms).
 
-    params: {'student': ..., and when distilling 'teacher': frozen GNN params, 'heads': {'student', 'teacher'}}.
+    params: {'student': ..., and when distilling 'teacher': frozen GNN params, 'heads': {'student', 'teacher'
+      (InfoNCE projection heads), and 'entity' (FitNets regressor) when entity_weight > 0}}.
     batch: {'text': text_batch arrays, 'graph': graph_batch arrays (when distilling)}.
-    distill: alpha (KD weight), beta (contrastive weight), tau (KD temperature), temperature (InfoNCE).
-    Metrics: cross_entropy, kd, contrastive (0 when the term is off), accuracy.
+    distill: alpha (KD weight), beta (contrastive weight), tau (KD temperature), temperature (InfoNCE), and
+      optionally entity_weight (FitNets on entity states) and rkd_weight (RKD distance + angle on the latents).
+    Metrics: cross_entropy, kd, contrastive (0 when the term is off), accuracy; entity and relational when on.
     """
-    alpha, beta = float(distill.alpha), float(distill.beta)
-    if (alpha > 0 or beta > 0) and teacher_config is None:
-        raise ValueError("distill.alpha or distill.beta > 0 needs a teacher (set distill.teacher_workdir)")
+    weights = distill_weights(distill)
+    alpha, beta = weights["alpha"], weights["beta"]
+    if needs_teacher(distill) and teacher_config is None:
+        raise ValueError("distill.alpha, beta, entity_weight or rkd_weight > 0 needs a teacher "
+                         "(set distill.teacher_workdir)")
 
     def loss_fn(params, batch, rng):
         text = batch["text"]
@@ -154,7 +176,7 @@ def student_loss_fn(student_config: text_encoders.TextEncoderConfig, teacher_con
         metrics = {"cross_entropy": cross_entropy, "accuracy": _masked_accuracy(out.logits, text["label"], mask),
                    "kd": jnp.zeros(()), "contrastive": jnp.zeros(())}
         loss = cross_entropy
-        if alpha > 0 or beta > 0:
+        if needs_teacher(distill):
             # The teacher is frozen: its output is a constant of the student's loss.
             teacher = jax.lax.stop_gradient(gnn.apply(params["teacher"], batch["graph"], teacher_config))
             if alpha > 0:
@@ -166,8 +188,23 @@ def student_loss_fn(student_config: text_encoders.TextEncoderConfig, teacher_con
                 metrics["contrastive"] = losses.info_nce(student_z, teacher_z, float(distill.temperature),
                                                          mask=mask)
                 loss = loss + beta * metrics["contrastive"]
+            if weights["entity"] > 0:
+                metrics["entity"] = losses.fitnets_loss(params["heads"]["entity"], out.entity_states,
+                                                        teacher.node_states, _mentioned_nodes(text, batch["graph"]))
+                loss = loss + weights["entity"] * metrics["entity"]
+            if weights["relational"] > 0:
+                metrics["relational"] = (losses.rkd_distance_loss(out.latent, teacher.latent, mask)
+                                         + losses.rkd_angle_loss(out.latent, teacher.latent, mask))
+                loss = loss + weights["relational"] * metrics["relational"]
         return loss, metrics
     return loss_fn
+
+
+def _mentioned_nodes(text: dict, graph: dict) -> jax.Array:
+    """[B, N] True for the graph nodes of real examples that the token batch mentions at least once."""
+    num_nodes = graph["node_mask"].shape[1]
+    mentions = jax.nn.one_hot(text["token_node"], num_nodes, dtype=jnp.int32).sum(1)    # token_node -1: none
+    return (mentions > 0) & graph["node_mask"].astype(bool) & text["example_mask"].astype(bool)[:, None]
 
 
 # -------------------------------------------------------------------------------------------- shared setup
@@ -282,7 +319,7 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
 
     Args:
       config: from `jaxalign/configs/clutrr_distill.py`; `distill.teacher_workdir` names a finished
-        `train_teacher` run when distill.alpha or distill.beta is positive.
+        `train_teacher` run when any distillation weight (alpha, beta, entity_weight, rkd_weight) is positive.
       workdir: the run directory (resumed if it holds checkpoints).
       rows: training rows (default: read `config.data.train`).
     Returns:
@@ -292,7 +329,7 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     rows = list(rows if rows is not None else read_rows(config.data.train))
     labels = clutrr_batches.label_vocabulary()
     words = clutrr_batches.build_word_vocabulary((row.story for row in rows), num_slots=config.data.entity_slots)
-    distilling = config.distill.alpha > 0 or config.distill.beta > 0
+    distilling = needs_teacher(config.distill)
     teacher = evaluation.load_model(config.distill.teacher_workdir) if distilling else None
     if teacher is not None and teacher.role != "teacher":
         raise ValueError(f"distill.teacher_workdir={config.distill.teacher_workdir} holds a {teacher.role}, "
@@ -312,6 +349,8 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     if teacher is not None:
         specs["heads"] = heads.alignment_heads_spec(model_config.latent_dim, teacher.config.latent_dim,
                                                     config.distill.shared_dim)
+        if distill_weights(config.distill)["entity"] > 0:
+            specs["heads"]["entity"] = losses.fitnets_spec(model_config.state_dim, teacher.config.hidden)
         params["heads"] = layers.init_params(specs["heads"], key_heads)
         specs["teacher"] = gnn.param_specs(teacher.config)
         params["teacher"] = jax.tree.map(jnp.asarray, teacher.params)
