@@ -34,7 +34,7 @@ demo: $(BASE_STAMP)
 bench: $(BASE_STAMP)
 	$(PY) bench/retrieval.py
 
-# CLUTRR teacher and students on ../shared/data/clutrr (about 95 min on 2 CPU cores).
+# CLUTRR teacher and students on ../shared/data/clutrr (about 100 min on 2 CPU cores).
 bench-clutrr: $(BASE_STAMP)
 	$(PY) bench/clutrr_distill.py
 

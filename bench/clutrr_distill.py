@@ -1,6 +1,6 @@
 """CLUTRR structured-distillation benchmark on the released data: teacher, student alone, +KD, +KD+contrastive.
 
-    .venv/bin/python bench/clutrr_distill.py                      # full run (3 seeds, 5 data sets), about 75 min on 2 CPU cores
+    .venv/bin/python bench/clutrr_distill.py                 # full run (3 seeds, 5 data sets), ~100 min on 2 cores
     .venv/bin/python bench/clutrr_distill.py --report-only        # rebuild the table / plot from finished jobs
 
 Data sets (../shared/data/clutrr): data_089907f8 (train clean k = 2, 3; test k = 2..10) and the robustness
@@ -157,7 +157,35 @@ def _file_k(name: str) -> tuple[int, int]:
     return int(task), int(k)
 
 
-def build_report(out: str, wall_seconds: float | None, settings: dict) -> str:
+def path_only_ceiling(rows) -> float:
+    """The best accuracy any model that sees only the relation path can reach on `rows`.
+
+    A row whose path the rules label unambiguously can always be right. Rows whose path allows several labels
+    (father vs father-in-law ...) are grouped by path; one model gives one answer per path, so at most the most
+    common label of each group is right.
+    """
+    from jaxalign.clutrr import solver
+    solvable, ambiguous = 0, {}
+    for row in rows:
+        if solver.solve_row(row).ambiguous:
+            ambiguous.setdefault(tuple(row.edge_types), []).append(row.target)
+        else:
+            solvable += 1
+    best = sum(max(labels.count(label) for label in set(labels)) for labels in ambiguous.values())
+    return (solvable + best) / max(len(rows), 1)
+
+
+def ceilings(dataset: str) -> dict[str, float]:
+    """`path_only_ceiling` of each test file of a released data set."""
+    from jaxalign.clutrr import reader
+    with __import__("zipfile").ZipFile(_zip(dataset)) as archive:
+        names = [os.path.basename(i.filename) for i in archive.infolist() if i.filename.endswith("_test.csv")]
+    return {name: path_only_ceiling(rows) for name, rows in reader.read_zip(_zip(dataset), members=names).items()}
+
+
+def build_report(out: str, wall_seconds: float | None, settings: dict,
+                 ceiling: dict[str, float] | None = None) -> str:
+    """The markdown report; `ceiling` ({test file: accuracy}) adds the path-only ceiling row to the k table."""
     summaries = _load_summaries(out)
     models = ["teacher", *VARIANTS]
     lines = [START, "## CLUTRR structured distillation (`bench/clutrr_distill.py`)", ""]
@@ -185,10 +213,17 @@ def build_report(out: str, wall_seconds: float | None, settings: dict) -> str:
         for name, values in PUBLISHED_K.items():
             by_k = dict(zip(range(2, 11), values))
             lines.append(f"| {name} (paper) | " + " | ".join(f"{by_k.get(k, float('nan')):.2f}" for k in ks) + " |")
+        if ceiling:
+            lines.append("| ceiling of any path-only model | " + " | ".join(
+                f"{ceiling[f]:.3f}" if f in ceiling else "-" for f in files) + " |")
         unambiguous = [s["models"]["teacher"].get("unambiguous", {}) for s in group]
         lines += ["", "Teacher accuracy on the rows the symbolic rules label unambiguously: "
                   + ", ".join(f"k={_file_k(f)[1]}: {np.mean([u[f]['accuracy'] for u in unambiguous if f in u]):.2f}"
                               f" ({unambiguous[0][f]['rows']} rows)" for f in files if f in unambiguous[0]) + ".", ""]
+        if ceiling:
+            lines += ["The ceiling row: rows whose relation path the rules label ambiguously (father vs "
+                      "father-in-law ...) can only be right for the most common label of their path, since a model "
+                      "gives one answer per path (`path_only_ceiling`).", ""]
 
     robust = [d for d in ROBUSTNESS if d in summaries]
     if robust:
@@ -316,12 +351,19 @@ def main() -> int:
             codes = list(pool.map(launch, jobs))
         if any(codes):
             print(f"{sum(1 for c in codes if c)} job(s) failed; see their logs", flush=True)
-    wall = None if args.report_only else time.time() - started
+    wall_file = os.path.join(args.out, "wall_seconds.json")
+    if args.report_only:   # the wall time of the run that made the jobs, when it recorded one
+        wall = json.load(open(wall_file, encoding="utf-8")) if os.path.exists(wall_file) else None
+    else:
+        wall = time.time() - started
+        with open(wall_file, "w", encoding="utf-8") as stream:
+            json.dump(wall, stream)
     steps = _recorded_steps(args.out) or (args.teacher_steps, args.student_steps)
     settings = {"teacher steps": steps[0], "student steps": steps[1], "batch": 64,
                 "teacher": "GAT 4 layers, width 64", "student": "BiLSTM 1 layer, 32 per direction, embed 48",
                 "train tokens": 96}
-    report = build_report(args.out, wall, settings)
+    report = build_report(args.out, wall, settings,
+                          ceilings(GENERALISATION) if os.path.exists(_zip(GENERALISATION)) else None)
     write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"))
     plot(args.out, os.path.join(ROOT, "bench", "clutrr_accuracy_vs_k.png"))
     print(report)

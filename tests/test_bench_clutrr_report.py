@@ -52,3 +52,24 @@ def test_write_results_replaces_only_the_text_between_the_markers(tmp_path):
     path.write_text(f"# Results\nbefore\n{bench.START}\nold table\n{bench.END}\nafter: a reading\n")
     bench.write_results(f"{bench.START}\nnew table\n{bench.END}", str(path))
     assert path.read_text() == f"# Results\nbefore\n{bench.START}\nnew table\n{bench.END}\nafter: a reading\n"
+
+
+def _row(path, target, tail_gender="female"):
+    from types import SimpleNamespace
+    return SimpleNamespace(edge_types=tuple(path), target=target, genders=(("a", "male"), ("b", tail_gender)),
+                           query_edge=(0, 1))
+
+
+def test_path_only_ceiling_counts_the_best_single_answer_per_ambiguous_path():
+    from jaxalign.clutrr import solver
+    ambiguous = ("wife", "son", "grandmother")          # the tail is the husband's mother or his wife's mother
+    assert solver.solve_row(_row(ambiguous, "mother")).ambiguous
+    rows = ([_row(("son", "aunt"), "sister")] * 3                           # unambiguous: always solvable
+            + [_row(ambiguous, "mother")] * 4 + [_row(ambiguous, "mother-in-law")] * 2)
+    assert bench.path_only_ceiling(rows) == (3 + 4) / 9
+
+
+def test_the_ceiling_row_appears_in_the_k_table(tmp_path):
+    _write_job(tmp_path, bench.GENERALISATION, 0, _accuracies(1.0, 0.9))
+    report = bench.build_report(str(tmp_path), None, {}, {"1.2_test.csv": 1.0, "1.3_test.csv": 100 / 105})
+    assert "| ceiling of any path-only model | 1.000 | 0.952 |" in report.splitlines()
