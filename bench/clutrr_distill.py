@@ -177,10 +177,8 @@ def path_only_ceiling(rows) -> float:
 
 def ceilings(dataset: str) -> dict[str, float]:
     """`path_only_ceiling` of each test file of a released data set."""
-    from jaxalign.clutrr import reader
-    with __import__("zipfile").ZipFile(_zip(dataset)) as archive:
-        names = [os.path.basename(i.filename) for i in archive.infolist() if i.filename.endswith("_test.csv")]
-    return {name: path_only_ceiling(rows) for name, rows in reader.read_zip(_zip(dataset), members=names).items()}
+    from jaxalign.distill import trainer
+    return {name: path_only_ceiling(rows) for name, rows in trainer.read_test_files([_zip(dataset)]).items()}
 
 
 def build_report(out: str, wall_seconds: float | None, settings: dict,
