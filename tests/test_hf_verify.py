@@ -52,6 +52,24 @@ def test_difference_beyond_tolerance_exits_with_status_one(capsys):
     assert code == 1 and report["ok"] is False
 
 
+def test_without_transformers_nothing_is_compared_and_exit_status_is_three(capsys, monkeypatch, siglip_folder):
+    """A check that could not run must not pass: no ok, no number, a non-zero exit and what to install."""
+    import importlib.util
+
+    from jaxalign.io import hf_verify
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "transformers" else real_find_spec(name, *args))
+    code = cli.main(["hf-verify", siglip_folder])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == hf_verify.NOT_COMPARED_EXIT_STATUS == 3
+    assert report["max_abs_diff"] is None and report["ok"] is False and report["reference"] == "unavailable"
+    assert report["kind"] == "vision" and "transformers not installed" in report["problem"]
+    assert "NOT checked" in captured.err and "pip install torch==2.13.0" in captured.err
+
+
 def test_unreadable_folder_reports_the_problem_with_exit_status_two(capsys, tmp_path):
     code, report = _run(capsys, str(tmp_path))
     assert code == 2 and report["ok"] is False

@@ -15,6 +15,10 @@ def _hf_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"path": args.path, "ok": False, "error": str(error)}))
         return 2
     print(json.dumps(report.as_dict()))
+    if not report.compared:
+        print(f"jaxalign hf-verify: {args.path} was NOT checked: {report.problem}",
+              file=sys.stderr)
+        return hf_verify.NOT_COMPARED_EXIT_STATUS
     return 0 if report.ok else 1
 
 
@@ -33,11 +37,13 @@ def _hf_export(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     verify = subparsers.add_parser(
         "hf-verify", help="check that jaxalign loads a Hugging Face folder exactly as transformers does",
-        description="Load a local Hugging Face snapshot folder (config.json, *.safetensors) with jaxalign and, "
-                    "when installed, with transformers + torch; run both on the same deterministic input and print "
-                    "one JSON line: max_abs_diff of the outputs (hidden states for vision towers, logits for LMs) "
-                    "and, for LMs, whether greedy generation of 16 tokens agrees. Exit status 1 beyond tolerance, "
-                    "2 for an unreadable folder.")
+        description="Load a local Hugging Face snapshot folder (config.json, *.safetensors) with jaxalign and "
+                    "with transformers + torch; run both on the same deterministic input and print one JSON line: "
+                    "max_abs_diff of the outputs (hidden states for vision towers, logits for LMs) and, for LMs, "
+                    "whether greedy generation of 16 tokens agrees. Exit status 0 when they agree, 1 beyond "
+                    "tolerance, 2 for an unreadable folder, 3 when nothing was compared because torch or "
+                    "transformers is not installed (max_abs_diff null, ok false, `problem` says what to install: "
+                    "pip install torch==2.13.0 first, the CPU build, then transformers).")
     verify.add_argument("path", help="Hugging Face snapshot folder")
     verify.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted max abs difference")
     verify.set_defaults(func=_hf_verify)

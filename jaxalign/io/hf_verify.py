@@ -2,8 +2,10 @@
 
 Loads the folder both ways, runs both on the same deterministic input and reports the largest absolute
 difference of the outputs (hidden states for vision towers, logits for LMs) and, for LMs, whether greedy
-generation of 16 tokens agrees. transformers and torch are optional: without them only the jaxalign side runs
-and the report says so.
+generation of 16 tokens agrees. transformers and torch are optional dependencies of jaxalign, but a check is only
+a check when both sides ran: without them the jaxalign side still runs (so a broken folder is still reported), the
+report has `max_abs_diff` None, `ok` False and a `problem` saying what to install, and `jaxalign hf-verify` exits
+with status 3 (`NOT_COMPARED_EXIT_STATUS`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from jaxalign.io import hf_folder, hf_lm, hf_vision
 
 DEFAULT_TOLERANCE = 1e-4
 GENERATED_TOKENS = 16
+# `jaxalign hf-verify` exit status when nothing was compared because torch / transformers are missing
+# (1 is a difference beyond tolerance, 2 an unreadable folder).
+NOT_COMPARED_EXIT_STATUS = 3
+# The CPU build of torch first: asked for later (through transformers) pip would pull a multi-GB CUDA build.
+INSTALL_HINT = "pip install torch==2.13.0 (the CPU build, first), then pip install transformers"
 
 
 @dataclasses.dataclass
@@ -26,11 +33,17 @@ class VerifyReport:
     path: str
     model_type: str
     kind: str                       # 'vision' or 'lm'
-    max_abs_diff: float | None      # None when transformers is not installed
+    max_abs_diff: float | None      # None when torch / transformers are not installed (nothing was compared)
     tolerance: float
     generation_agrees: bool | None  # LMs only
     reference: str                  # 'transformers <version>' or 'unavailable'
-    ok: bool
+    ok: bool                        # False whenever nothing was compared
+    problem: str | None = None      # why nothing was compared, and what to install
+
+    @property
+    def compared(self) -> bool:
+        """Whether transformers ran, so that `max_abs_diff` measures something."""
+        return self.max_abs_diff is not None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -38,6 +51,16 @@ class VerifyReport:
 
 def _transformers_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+
+
+def _missing_reference() -> str:
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    return (f"{' and '.join(missing) or 'torch / transformers'} not installed, so only jaxalign loaded the folder "
+            f"and nothing was compared; install them ({INSTALL_HINT}) and run again")
+
+
+def _not_compared(path: str, model_type: str, kind: str, tolerance: float) -> VerifyReport:
+    return VerifyReport(path, model_type, kind, None, tolerance, None, "unavailable", False, _missing_reference())
 
 
 def _deterministic_pixels(batch: int, size: int, channels: int) -> np.ndarray:
@@ -62,7 +85,7 @@ def verify_vision(path: str, tolerance: float) -> VerifyReport:
     pixels = _deterministic_pixels(2, cfg.image_size, cfg.num_channels)
     ours = np.asarray(vit.encode(params, cfg, pixels).hidden_states, np.float32)
     if not _transformers_available():
-        return VerifyReport(path, hf_config["model_type"], "vision", None, tolerance, None, "unavailable", True)
+        return _not_compared(path, hf_config["model_type"], "vision", tolerance)
     import torch
     import transformers
 
@@ -86,7 +109,7 @@ def verify_lm(path: str, tolerance: float) -> VerifyReport:
     our_tokens = np.asarray(generate.generate(params, cfg, input_ids=ids, attention_mask=mask,
                                               max_new_tokens=GENERATED_TOKENS, eos_id=None).tokens)
     if not _transformers_available():
-        return VerifyReport(path, hf_config["model_type"], "lm", None, tolerance, None, "unavailable", True)
+        return _not_compared(path, hf_config["model_type"], "lm", tolerance)
     import torch
     import transformers
 
@@ -106,7 +129,11 @@ def verify_lm(path: str, tolerance: float) -> VerifyReport:
 
 
 def verify(path: str, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
-    """Loads `path` with jaxalign (and transformers when installed) and compares the two."""
+    """Loads `path` with jaxalign and with transformers and compares the two.
+
+    Without torch / transformers only jaxalign loads and runs the folder; the report then has `max_abs_diff`
+    None, `ok` False and `problem` set (`compared` is False).
+    """
     model_type = hf_folder.read_config(path).get("model_type")
     if model_type in hf_vision.MODEL_TYPES:
         return verify_vision(path, tolerance)
