@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import sharding
-from jaxalign.memory import knn
+from jaxalign.memory import knn, knn_pallas
 
 PyTree = Any
 ROW_AXES: tuple[str, ...] = sharding.LOGICAL_AXIS_RULES["memory_rows"]
@@ -63,7 +63,8 @@ def _row_spec(ndim: int) -> PartitionSpec:
     return PartitionSpec(ROW_AXES, *([None] * (ndim - 1)))
 
 
-def _row_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+def row_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """How a bank lays out an [rows, ...] array: rows split over every mesh axis."""
     return NamedSharding(mesh, _row_spec(ndim))
 
 
@@ -80,7 +81,7 @@ def padded_capacity(count: int, mesh: Mesh) -> int:
 def _place(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array (identical on every process) as a global array sharded by rows."""
     array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, _row_sharding(mesh, array.ndim), lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, row_sharding(mesh, array.ndim), lambda index: array[index])
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
@@ -179,12 +180,14 @@ class MemoryBank:
           queries: [batch, key_dim].
           k: neighbours per query (at most `capacity`; slots beyond the real rows come back with id -1).
           metric: 'cosine' | 'dot' | 'l2'; defaults to the bank's metric.
-          method: 'exact' | 'binned' | 'approx' | 'auto' (see `knn.py`; auto: approx on TPU, else binned for
-            large shards, exact for small).
+          method: 'exact' | 'binned' | 'approx' | 'pallas' | 'auto' (see `knn.py`; auto: approx on TPU, else
+            binned for large shards, exact for small; never 'pallas', which runs interpreted on CPU and has
+            no measured speed on GPU / TPU yet: ask for it by name, see `knn_pallas.py`).
           exclude_ids: [batch] or [batch, excluded] ids that query may not retrieve (leave-one-out); -1 = none.
           recall_target: for 'approx', and for 'binned' with `rerank=False`: sets the bin count.
           rerank: for 'binned': re-rank the winning bins exactly (then 'binned' returns the exact top-k).
           chunk_rows: rows scored at once per shard; defaults to a score block of `knn.SCORE_BUDGET_BYTES`.
+            For 'pallas': the kernel's key tile (rows per grid step), default `knn_pallas.default_config()`.
           with_values: also gather the neighbours' values ([batch, k, ...]).
         """
         metric = metric or self.metric
@@ -197,7 +200,8 @@ class MemoryBank:
         local_rows = self.capacity // shards
         local_k = min(k, local_rows)
         method = knn.resolve_method(method, local_rows, local_k)
-        chunk_rows = chunk_rows or knn.chunk_rows_for(queries.shape[0], local_rows)
+        if method != "pallas":  # the fused kernel picks its own tile unless told
+            chunk_rows = chunk_rows or knn.chunk_rows_for(queries.shape[0], local_rows)
         if exclude_ids is not None:
             exclude_ids = jnp.asarray(exclude_ids, jnp.int32)
             if exclude_ids.shape[0] != queries.shape[0] or exclude_ids.ndim not in (1, 2):
@@ -315,9 +319,16 @@ def _sharded_top_k(bank: MemoryBank, queries: jax.Array, exclude_ids: jax.Array 
     prepared = knn.prepare_queries(queries, metric)
 
     def local_search(local_queries, keys, ids, *maybe_exclude):
-        scores, found_ids, rows = knn.scan_top_k(
-            local_queries, keys, ids, local_k, metric=metric, method=method, chunk_rows=chunk_rows,
-            exclude_ids=maybe_exclude[0] if maybe_exclude else None, rerank=rerank, recall_target=recall_target)
+        exclude = maybe_exclude[0] if maybe_exclude else None
+        if method == "pallas":
+            config = knn_pallas.default_config()
+            config = dataclasses.replace(config, tile_rows=chunk_rows) if chunk_rows else config
+            scores, found_ids, rows = knn_pallas.fused_top_k(local_queries, keys, ids, local_k, metric=metric,
+                                                             exclude_ids=exclude, rerank=rerank, config=config)
+        else:
+            scores, found_ids, rows = knn.scan_top_k(
+                local_queries, keys, ids, local_k, metric=metric, method=method, chunk_rows=chunk_rows,
+                exclude_ids=exclude, rerank=rerank, recall_target=recall_target)
         rows = rows + jax.lax.axis_index(ROW_AXES) * local_rows
         # Shard blocks come back in row order, so a merge of equal scores still prefers the lower id.
         gathered = [jax.lax.all_gather(array, ROW_AXES, axis=1, tiled=True) for array in (scores, found_ids, rows)]
@@ -338,8 +349,8 @@ def _gather_rows(bank: MemoryBank, rows: jax.Array) -> PyTree:
 
 
 def _constrain_rows(bank: MemoryBank, keys: jax.Array, values: PyTree) -> tuple[jax.Array, PyTree]:
-    return (jax.lax.with_sharding_constraint(keys, _row_sharding(bank.mesh, 2)),
-            jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, _row_sharding(bank.mesh, leaf.ndim)),
+    return (jax.lax.with_sharding_constraint(keys, row_sharding(bank.mesh, 2)),
+            jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, row_sharding(bank.mesh, leaf.ndim)),
                          values))
 
 

@@ -19,6 +19,9 @@ Methods, applied per chunk of rows (see `chunk_top_k`):
     bin count comes from `recall_target` (`bins_for_recall`).
   - `approx`: `jax.lax.approx_max_k`, a real approximate algorithm on TPU only (an exact, sort-based top-k on
     CPU and GPU, slow for k > 16).
+  - `pallas`: `binned` with stage 1 fused into one Pallas kernel over the whole shard (`knn_pallas.py`): scores
+    live only in on-chip memory and only the bin maxima reach HBM; stages 2 and 3 (`top_bins`,
+    `rerank_members`) are shared with `binned`. Runs interpreted (slowly) on CPU, so `auto` never picks it.
 
 Ties: rows are kept in increasing id order by the bank, `lax.top_k` prefers the lower column, and every merge
 sorts candidates by (score descending, id ascending), so among equal scores the lower id wins, for `exact` and
@@ -34,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Metric = Literal["cosine", "dot", "l2"]
-Method = Literal["exact", "binned", "approx", "auto"]
+Method = Literal["exact", "binned", "approx", "pallas", "auto"]
 METRICS = ("cosine", "dot", "l2")
-METHODS = ("exact", "binned", "approx", "auto")
+METHODS = ("exact", "binned", "approx", "pallas", "auto")
 
 # Scores are float32 [batch, chunk_rows]; this budget bounds that block, so the [batch, N] score matrix is
 # never built for a bank that does not fit it. On CPU a block that stays in cache is several times faster
@@ -58,6 +61,9 @@ def check_method(method: str) -> None:
 
 def resolve_method(method: str, rows: int, k: int, backend: str | None = None) -> str:
     """Chooses the method for `auto`: approx on TPU, binned for large banks, exact for small ones.
+
+    `auto` does not pick `pallas` yet: its speed on GPU / TPU has not been measured (bench/retrieval.py), and
+    on CPU it runs interpreted. Ask for it by name.
 
     Args:
       method: one of METHODS.
@@ -146,28 +152,33 @@ def score_chunk(queries: jax.Array, keys: jax.Array, metric: str) -> jax.Array:
 
     Args:
       queries: [batch, dim] from `prepare_queries`.
-      keys: [chunk, dim] in the bank's dtype; the product runs in that dtype with float32 accumulation.
+      keys: [chunk, dim] shared by all queries, or [batch, chunk, dim] (each query's own candidate rows), in
+        the bank's dtype; the product runs in that dtype with float32 accumulation.
     """
-    dots = jnp.einsum("bd,nd->bn", queries.astype(keys.dtype), keys, preferred_element_type=jnp.float32)
+    spec = "bd,nd->bn" if keys.ndim == 2 else "bd,bnd->bn"
+    dots = jnp.einsum(spec, queries.astype(keys.dtype), keys, preferred_element_type=jnp.float32)
     if metric == "dot":
         return dots
     squared_norms = jnp.sum(jnp.square(keys.astype(jnp.float32)), axis=-1)
+    squared_norms = squared_norms[None, :] if keys.ndim == 2 else squared_norms
     if metric == "cosine":
-        return dots * jax.lax.rsqrt(jnp.maximum(squared_norms, _EPSILON * _EPSILON))[None, :]
+        return dots * jax.lax.rsqrt(jnp.maximum(squared_norms, _EPSILON * _EPSILON))
     query_norms = jnp.sum(jnp.square(queries), axis=-1)
-    return 2.0 * dots - squared_norms[None, :] - query_norms[:, None]
+    return 2.0 * dots - squared_norms - query_norms[:, None]
 
 
 def mask_scores(scores: jax.Array, ids: jax.Array, exclude_ids: jax.Array | None) -> jax.Array:
     """Sets to -inf the scores of padding rows (id < 0) and of each query's excluded ids.
 
     Args:
-      scores: [batch, chunk]; ids: [chunk]; exclude_ids: None, [batch] or [batch, excluded] (-1 = none).
+      scores: [batch, chunk]; ids: [chunk] or [batch, chunk]; exclude_ids: None, [batch] or [batch, excluded]
+        (-1 = none).
     """
-    keep = (ids >= 0)[None, :]
+    ids = ids[None, :] if ids.ndim == 1 else ids
+    keep = ids >= 0
     if exclude_ids is not None:
         excluded = exclude_ids if exclude_ids.ndim == 2 else exclude_ids[:, None]
-        hit = jnp.any(ids[None, None, :] == excluded[:, :, None], axis=1)
+        hit = jnp.any(ids[:, None, :] == excluded[:, :, None], axis=1)
         keep = keep & ~hit
     return jnp.where(keep, scores, -jnp.inf)
 
@@ -184,19 +195,43 @@ def _binned_top_k(scores: jax.Array, k: int, bin_size: int, rerank: bool) -> tup
     bins = width // bin_size
     if rerank:
         grouped = scores.reshape(batch, bins, bin_size)  # column = bin * bin_size + member
-        _, best_bins = jax.lax.top_k(jnp.max(grouped, axis=2), k)  # stages 1 and 2
-        # Winning bins in column order, so the flattened members are in column order too and stage 3's top-k
-        # (which prefers the lower position) breaks ties by column without a sort.
-        best_bins = jnp.sort(best_bins, axis=1)
+        best_bins = top_bins(jnp.max(grouped, axis=2), k)  # stages 1 and 2
         members = jnp.take_along_axis(grouped, best_bins[:, :, None], axis=1).reshape(batch, k * bin_size)
-        top, where = jax.lax.top_k(members, k)  # stage 3: exact top-k over the winning bins' members
-        return top, jnp.take_along_axis(best_bins, where // bin_size, axis=1) * bin_size + where % bin_size
+        return rerank_members(members, best_bins, bin_size, k)
     grouped = scores.reshape(batch, bin_size, bins)  # column = member * bins + bin
     _, best_bins = jax.lax.top_k(jnp.max(grouped, axis=1), k)
     members = jnp.take_along_axis(grouped, best_bins[:, None, :], axis=2)  # [batch, bin_size, k]
     best_member = jnp.argmax(members, axis=1)  # each winning bin returns only its best row
     top = jnp.take_along_axis(members, best_member[:, None, :], axis=1)[:, 0, :]
     return top, best_member.astype(jnp.int32) * bins + best_bins
+
+
+def top_bins(bin_scores: jax.Array, k: int) -> jax.Array:
+    """Stage 2 of a binned search: the k bins with the highest maxima, in increasing bin order. [batch, k].
+
+    Args:
+      bin_scores: [batch, bins] each bin's best score; `lax.top_k` prefers the lower bin among equal maxima.
+    """
+    _, best_bins = jax.lax.top_k(bin_scores, k)
+    # Winning bins in column order, so their flattened members are in column order too and stage 3's top-k
+    # (which prefers the lower position) breaks ties by column without a sort.
+    return jnp.sort(best_bins, axis=1)
+
+
+def rerank_members(member_scores: jax.Array, best_bins: jax.Array, bin_size: int,
+                   k: int) -> tuple[jax.Array, jax.Array]:
+    """Stage 3 of a binned search: the exact top-k over the winning bins' members.
+
+    Args:
+      member_scores: [batch, bins_kept * bin_size], the members of `best_bins` bin after bin (bins are runs of
+        `bin_size` consecutive columns).
+      best_bins: [batch, bins_kept] from `top_bins`.
+      k: entries wanted (at most bins_kept * bin_size).
+    Returns:
+      (scores, columns) [batch, k], best first; column = bin * bin_size + member.
+    """
+    top, where = jax.lax.top_k(member_scores, k)
+    return top, jnp.take_along_axis(best_bins, where // bin_size, axis=1) * bin_size + where % bin_size
 
 
 def chunk_top_k(scores: jax.Array, k: int, method: str, *, bin_size: int = 1, rerank: bool = True,
