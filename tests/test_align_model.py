@@ -123,3 +123,24 @@ def test_retrieval_off_is_the_plain_baseline(setup):
     num_image = setup["cfg"].num_image_tokens
     assert (spliced.token_kind[:, IMAGE_AT:IMAGE_AT + num_image] == splice.IMAGE).all()
     assert spliced.attention_mask.sum(1).tolist() == [10 - 2 + num_image] * B
+
+
+def test_a_batch_padded_to_a_smaller_length_bucket_gives_the_same_loss(setup):
+    # Rows hold 10 text positions (2 sentinels) -> at most 8 text + 4 image + 6 retrieved = 18 spliced positions: a
+    # bucket of 20 holds them: the text is padded to 20 instead of 24 and the spliced sequence is cut at 20.
+    cfg, params, memory, batch = setup["cfg"], setup["params"], setup["memory"], setup["batch"]
+    assert 10 - 2 + cfg.num_image_tokens + cfg.num_retrieved_tokens == 18
+    bucketed = {name: value[:, :20] if value.ndim == 2 else value for name, value in batch.items()}
+    loss_fn = jax.jit(lambda p, b, m: loss_lib.make_loss_fn(cfg, m, train=True)(p, b, None))
+    mesh = sharding.make_mesh((2, 4, 1))
+    full_loss, full_metrics = loss_fn(params, sharding.global_batch(batch, mesh), memory)
+    bucket_loss, bucket_metrics = loss_fn(params, sharding.global_batch(bucketed, mesh), memory)
+    spliced, _ = jax.jit(lambda p, b, m: model_lib.build_lm_inputs(p, cfg, b, m, True))(
+        params, sharding.global_batch(bucketed, mesh), memory)
+    full = setup["outputs"]["train"][0]  # the same batch at width 24: only padding is cut off
+    assert spliced.attention_mask.shape == (B, 20) and not full.attention_mask[:, 20:].any()
+    np.testing.assert_array_equal(spliced.attention_mask, full.attention_mask[:, :20])
+    np.testing.assert_array_equal(spliced.labels, full.labels[:, :20])
+    np.testing.assert_allclose(spliced.inputs_embeds, full.inputs_embeds[:, :20], rtol=1e-6)
+    assert float(bucket_metrics["num_tokens"]) == float(full_metrics["num_tokens"]) == B * 2
+    np.testing.assert_allclose(float(bucket_loss), float(full_loss), rtol=1e-5)

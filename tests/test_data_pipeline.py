@@ -1,12 +1,17 @@
-"""Specification of jaxalign.data.pipeline: batch values, fractions, resume, host slices, skip reports, eval."""
+"""Specification of jaxalign.data.pipeline: batch values, fractions, resume, host slices, skip reports, eval,
+length buckets and length-grouped batching (jaxalign.data.length_buckets) and their padding accounting."""
 import json
 
 import numpy as np
 import pytest
 
 from jaxalign.data import easy_vqa
+from jaxalign.data.batching import spliced_length
 from jaxalign.data.chat_templates import IGNORE_LABEL, IMAGE_TOKEN_ID, RETRIEVAL_TOKEN_ID, get_template
 from jaxalign.data.image_ops import SIGLIP_MEAN, SIGLIP_STD, preprocess_image
+from jaxalign.data.length_buckets import (bucket_for, check_buckets, group_window, real_token_share,
+                                          simulate_padding)
+from jaxalign.data.length_stats import synthetic_mix665k_lengths
 from jaxalign.data.pipeline import host_slice, make_eval_dataset, make_vqa_dataset, select_fraction
 from jaxalign.data.tokenizer import train_word_level_tokenizer
 
@@ -241,3 +246,171 @@ def test_generation_eval_rows_are_left_padded_prompts_with_reference_answers(rec
     assert (batch["attention_mask"][:, -1] == 1).all()  # every prompt ends at the last column
     assistant = tokenizer.encode("ASSISTANT:")
     np.testing.assert_array_equal(batch["input_ids"][:, -len(assistant):], [assistant] * 4)
+
+
+# -------------------------------------------------------------------------------- length buckets, grouping
+BUCKETS = (42, 43, 44, 45, 46)  # the records' spliced lengths are 41..46; MAX_LENGTH (48) is the last bucket
+
+
+def _spliced_lengths(batch, image_length=1, retrieval_length=1):
+    return (batch["attention_mask"].sum(1) + (image_length - 1) * (batch["image_index"] >= 0)
+            + (retrieval_length - 1) * (batch["retrieval_index"] >= 0))
+
+
+def _assert_same_batches(expected, actual):
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_check_buckets_sorts_appends_max_length_and_rejects_too_large():
+    assert check_buckets((1280, 1024), 2048) == (1024, 1280, 2048)
+    assert check_buckets((), 2048) == ()
+    assert bucket_for(1025, (1024, 1280, 2048)) == 1280 and bucket_for(1024, (1024, 1280, 2048)) == 1024
+    with pytest.raises(ValueError, match="length_buckets"):
+        check_buckets((4096,), 2048)
+
+
+def test_buckets_pad_each_batch_to_the_smallest_bucket_holding_its_longest_sample(records, tokenizer):
+    plain = take(dataset(records, tokenizer, image_length=3), 6)
+    bucketed = take(dataset(records, tokenizer, image_length=3, length_buckets=(44, 46)), 6)
+    widths = set()
+    for full, batch in zip(plain, bucketed):
+        longest = _spliced_lengths(full, image_length=3).max()
+        width = batch["input_ids"].shape[1]
+        assert width == min(bucket for bucket in (44, 46, MAX_LENGTH) if bucket >= longest)
+        widths.add(width)
+        # the same rows; the columns cut off held only padding
+        for name in ("input_ids", "labels", "attention_mask"):
+            np.testing.assert_array_equal(batch[name], full[name][:, :width])
+        assert not full["attention_mask"][:, width:].any()
+        for name in ("pixels", "image_index", "retrieval_index", "text_start", "sample_index"):
+            np.testing.assert_array_equal(batch[name], full[name])
+    assert len(widths) > 1
+
+
+def test_grouping_sorts_each_window_cuts_it_and_shuffles_the_batches(records, tokenizer):
+    window = 5
+    plain = take(dataset(records, tokenizer), window)  # the first 40 samples of the stream, in stream order
+    grouped = take(dataset(records, tokenizer, group_by_length=window, length_buckets=BUCKETS), window)
+    stream = np.concatenate([batch["sample_index"] for batch in plain])
+    lengths = np.concatenate([_spliced_lengths(batch) for batch in plain])
+    expected = stream[group_window(lengths, 8, seed=3, window_number=0)]
+    np.testing.assert_array_equal(np.stack([batch["sample_index"] for batch in grouped]), expected)
+    maxima = [int(_spliced_lengths(batch).max()) for batch in grouped]
+    assert maxima != sorted(maxima)  # visited in shuffled order
+    by_length = sorted(grouped, key=lambda b: (_spliced_lengths(b).min(), _spliced_lengths(b).max()))
+    for low, high in zip(by_length, by_length[1:]):
+        assert _spliced_lengths(low).max() <= _spliced_lengths(high).min()  # a sorted window cut into batches
+    for batch in grouped:
+        assert batch["input_ids"].shape[1] == bucket_for(int(_spliced_lengths(batch).max()), BUCKETS + (48,))
+
+
+def test_grouping_reads_every_sample_once_per_pass_and_is_seeded(records, tokenizer):
+    options = dict(group_by_length=5, length_buckets=BUCKETS)  # windows of 40 samples: 3 per pass of 120
+    grouped = take(dataset(records, tokenizer, **options), 15)
+    assert sorted(np.concatenate([batch["sample_index"] for batch in grouped])) == list(range(120))
+    again = take(dataset(records, tokenizer, **options), 15)
+    _assert_same_batches(grouped, again)
+    other = take(dataset(records, tokenizer, seed=4, **options), 1)
+    assert not np.array_equal(other[0]["sample_index"], grouped[0]["sample_index"])
+
+
+def test_grouped_last_window_of_a_finite_run_keeps_only_full_batches(records, tokenizer):
+    batches = list(dataset(records[:44], tokenizer, num_epochs=1, group_by_length=4, length_buckets=BUCKETS))
+    assert len(batches) == 5  # a window of 4 batches, then 12 samples: one full batch, 4 samples dropped
+    assert len(set(np.concatenate([batch["sample_index"] for batch in batches]))) == 40
+
+
+@pytest.mark.parametrize("start_step", [3, 4, 9])  # inside a window, at a window boundary, in the next pass
+def test_grouped_start_step_and_state_yield_the_uninterrupted_batches(records, tokenizer, start_step):
+    bad = [dict(records[0], id="broken", image=b"not a png")]
+    data = records[:37] + bad  # an image that fails when its batch is built, and an epoch boundary at step 4.75
+    options = dict(group_by_length=4, length_buckets=BUCKETS)
+    full = take(dataset(data, tokenizer, **options), 12)
+    resumed = dataset(data, tokenizer, start_step=start_step, **options)
+    assert resumed.state["step"] == start_step
+    _assert_same_batches(full[start_step:], take(resumed, 12 - start_step))
+    iterator = dataset(data, tokenizer, **options)
+    take(iterator, start_step)
+    restored = dataset(data, tokenizer, start_state=dict(iterator.state), **options)
+    _assert_same_batches(full[start_step:], take(restored, 12 - start_step))
+
+
+def test_grouped_sample_whose_image_fails_becomes_an_unlabelled_padding_row(records, tokenizer):
+    data = records[:15] + [dict(records[0], id="broken", image=b"not a png")]
+    iterator = dataset(data, tokenizer, group_by_length=2, num_epochs=1, shuffle=False)
+    batches = list(iterator)
+    rows = np.concatenate([batch["sample_index"] for batch in batches])
+    assert sorted(rows) == [-1] + list(range(15))
+    batch = batches[[-1 in b["sample_index"] for b in batches].index(True)]
+    row = list(batch["sample_index"]).index(-1)
+    assert (batch["labels"][row] == IGNORE_LABEL).all() and batch["attention_mask"][row].sum() == 1
+    # found when its batch is built, after the text-only plan of the last window ended the pass: counted then
+    assert iterator.report.skipped["corrupt_image"] == ["broken"] and iterator.reports[0].num_skipped == 0
+
+
+def test_two_hosts_pad_every_step_to_the_same_agreed_bucket(records, tokenizer):
+    options = dict(fraction=0.5, process_count=2, batch_size=4, group_by_length=3, length_buckets=BUCKETS)
+    local = {host: take(dataset(records, tokenizer, process_index=host, agree_length=lambda length: length,
+                                **options), 6) for host in (0, 1)}
+    widths = {host: [batch["input_ids"].shape[1] for batch in batches] for host, batches in local.items()}
+    agreed = [max(pair) for pair in zip(widths[0], widths[1])]
+    assert widths[0] != widths[1]  # the hosts' own buckets differ at some step: agreement is needed
+    for host in (0, 1):
+        answers = iter(agreed)
+        batches = take(dataset(records, tokenizer, process_index=host, agree_length=lambda length: next(answers),
+                               **options), 6)
+        assert [batch["input_ids"].shape[1] for batch in batches] == agreed
+        for own, batch in zip(local[host], batches):  # the same rows, padded further
+            width = own["input_ids"].shape[1]
+            np.testing.assert_array_equal(batch["input_ids"][:, :width], own["input_ids"])
+            np.testing.assert_array_equal(batch["sample_index"], own["sample_index"])
+    with pytest.raises(ValueError, match="not a bucket"):
+        next(dataset(records, tokenizer, process_index=0, agree_length=lambda length: 47, **options))
+
+
+# ------------------------------------------------------------------------------------- padding accounting
+def test_real_token_share_of_hand_made_lengths():
+    lengths = [10, 40, 20, 30]
+    # one window of both batches, sorted: [10, 20] -> bucket 24, [30, 40] -> bucket 48
+    stats = simulate_padding(lengths, batch_size=2, buckets=(24, 48), window=2, seed=0)
+    assert (stats.batches, stats.real_tokens, stats.computed_tokens) == (2, 100, 2 * 24 + 2 * 48)
+    assert stats.share == pytest.approx(100 / 144) and stats.batches_per_length == {24: 1, 48: 1}
+    assert real_token_share(lengths, 2, (), 0, seed=0, max_length=48) == pytest.approx(100 / 192)
+    assert real_token_share(lengths[:3], 2, (24, 48), 2, seed=0) == real_token_share(lengths[:3], 2, (24, 48), 2, 0)
+
+
+def test_pipeline_counts_real_and_computed_tokens_and_prints_them_at_each_pass_end(records, tokenizer, capsys):
+    data = records[:40] + [dict(records[0], id="broken", image=b"not a png")]  # becomes a padding row: 1 token
+    iterator = dataset(data, tokenizer, group_by_length=5, length_buckets=BUCKETS, verbose=True)
+    batches = take(iterator, 6)
+    real = sum(int(_spliced_lengths(batch).sum()) for batch in batches)
+    computed = sum(batch["input_ids"].size for batch in batches)
+    assert (iterator.padding.batches, iterator.padding.real_tokens, iterator.padding.computed_tokens) == (
+        6, real, computed)
+    assert sum(iterator.padding.batches_per_length.values()) == 6
+    printed = capsys.readouterr().err  # pass 0 ends when the second window is planned, after 5 batches
+    assert "data pass 0: encoded 40 of 41 samples; skipped 1\n" in printed
+    assert "padding so far: real tokens" in printed and "in 5 batches" in printed
+
+
+def test_simulation_matches_the_pipeline_on_the_same_lengths(records, tokenizer):
+    iterator = dataset(records, tokenizer, num_epochs=1, group_by_length=4, length_buckets=BUCKETS)
+    list(iterator)
+    lengths = [spliced_length(iterator.spec, iterator.dataset[index].example) for index in range(len(records))]
+    simulated = simulate_padding(lengths, 8, BUCKETS, 4, seed=3, max_length=MAX_LENGTH)
+    assert iterator.padding.to_json() == simulated.to_json()
+
+
+def test_qwen2_recipe_buckets_keep_most_computed_tokens_real_on_mix665k_like_lengths():
+    from jaxalign.configs import tinyalign_qwen2
+    config = tinyalign_qwen2.get_config("stage=2")
+    lengths = synthetic_mix665k_lengths(20_000, seed=0)
+    assert lengths.max() <= 2048 and 0.04 < (lengths < 729).mean() < 0.08  # text-only share
+    for batch_size in (128, 256):
+        assert real_token_share(lengths, batch_size, (), 0, seed=0, max_length=2048) < 0.5
+        assert real_token_share(lengths, batch_size, config.data.length_buckets, config.data.group_by_length,
+                                seed=0) >= 0.85

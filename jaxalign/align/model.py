@@ -238,8 +238,14 @@ def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: mem
       train: leave-one-out applies only in training (evaluation samples are not in the bank).
       padding_side: 'right' for training, 'left' for generation prompts.
     Returns:
-      (SplicedInputs of length cfg.max_length, aux) with aux {'query', 'retrieved_ids', 'value_ids', 'scores'}
-      (retrieval fields only when retrieval is on).
+      (SplicedInputs of length cfg.max_length, or L for a right-padded batch narrower than that, aux) with aux
+      {'query', 'retrieved_ids', 'value_ids', 'scores'} (retrieval fields only when retrieval is on).
+
+    Length buckets: the training pipeline pads a batch to a length bucket L <= cfg.max_length chosen so that every
+    row's spliced length (text, with each sentinel counted as the image / retrieved positions it stands for)
+    fits in L; the splice output is then cut at L, which removes only padding, and the step's shapes follow the
+    bucket. Batches of width cfg.max_length (no buckets, evaluation) and generation prompts (left padded) keep
+    cfg.max_length. A hand-made right-padded batch narrower than cfg.max_length must obey the same rule.
     """
     features = image_features(params, cfg, batch["pixels"])
     tokens = image_tokens(params, cfg, features)
@@ -252,9 +258,12 @@ def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: mem
         query = retrieval_key(params, cfg, batch, features, tokens, embeddings)
         retrieved, retrieved_mask, info = _retrieve(params, cfg, memory, query, batch["sample_index"], train)
         aux.update(info, query=query)
+    max_length = cfg.max_length
+    if padding_side == "right":
+        max_length = min(max_length, batch["input_ids"].shape[1])  # the batch's length bucket
     spliced = splice.splice_inputs(embeddings, batch["attention_mask"], batch["labels"], batch["image_index"],
                                    tokens, retrieved, retrieved_mask, batch["retrieval_index"],
-                                   max_length=cfg.max_length, padding_side=padding_side)
+                                   max_length=max_length, padding_side=padding_side)
     return spliced, aux
 
 
@@ -266,9 +275,9 @@ def vlm_forward(params: dict, cfg: TinyAlignConfig, batch: dict, memory: memory_
       params, cfg, batch, memory, train: see `build_lm_inputs`.
       rng: unused by the current model (it has no dropout); kept so that stochastic parts need no new signature.
     Returns:
-      hidden [B, L, E] final-normed LM hidden states; labels [B, L] (not shifted; -100 on prompt, image,
-      retrieved and padding positions); aux: `build_lm_inputs`'s plus 'token_kind', 'attention_mask',
-      'positions' [B, L].
+      hidden [B, L, E] final-normed LM hidden states (L: cfg.max_length, or the batch's length bucket, see
+      `build_lm_inputs`); labels [B, L] (not shifted; -100 on prompt, image, retrieved and padding positions);
+      aux: `build_lm_inputs`'s plus 'token_kind', 'attention_mask', 'positions' [B, L].
     """
     del rng
     spliced, aux = build_lm_inputs(params, cfg, batch, memory, train)

@@ -76,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.truncate = False        # cut over-long samples instead of skipping (and reporting) them
     c.data.pad_to_square = False
     c.data.fail_fast = False       # raise at the first bad sample instead of skipping and reporting it
+    c.data.length_buckets = ()     # pad each training batch to the smallest of these lengths that holds its
+    #                                longest sample (model.max_length is always the last; one compile per bucket);
+    #                                () pads every batch to model.max_length (jaxalign/data/length_buckets.py)
+    c.data.group_by_length = 0     # batches per window sorted by length before batching (LLaVA's
+    #                                group_by_modality_length), so that buckets fill up; 0: no grouping
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32        # global batch

@@ -214,13 +214,22 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
+def spliced_length(spec: SampleSpec, example: TokenizedExample) -> int:
+    """Positions the example takes in the LM's spliced sequence: its text tokens, each sentinel counted as the
+    `image_length` / `retrieval_length` positions it stands for (what must fit in max_length or a length bucket)."""
+    return len(example) + (spec.image_length - 1) * (example.image_index >= 0) + (
+        spec.retrieval_length - 1) * (example.retrieval_index >= 0)
+
+
 def process_record(spec: SampleSpec, index: int, record: Mapping[str, Any], for_generation: bool = False,
-                   ) -> Sample | MaskingError | ImageError:
+                   decode_image: bool = True) -> Sample | MaskingError | ImageError:
     """The inputs of one record, or the error that makes it unusable (returned, so the caller counts it).
 
     Reasons besides those of `chat_templates.MaskingError`: `too_long` (longer than `max_length` and
     `truncate` is off), `missing_image` (an `<image>` marker but no image bytes), `image_without_marker` (image
     bytes the conversation never refers to) and `corrupt_image` (`image_ops.ImageError`).
+    With `decode_image=False` the image is not decoded (`pixels` is None, `corrupt_image` cannot be found): the
+    cheap text-only pass that length grouping plans its batches with.
     """
     sample_id = _text(record.get("id", index))
     try:
@@ -241,8 +250,7 @@ def process_record(spec: SampleSpec, index: int, record: Mapping[str, Any], for_
                                     max_length=spec.max_length, **encode_options)
         else:
             example = encode_conversation(spec.tokenizer, spec.template, conversation, **encode_options)
-            length = len(example) + (spec.image_length - 1) * (example.image_index >= 0) + (
-                spec.retrieval_length - 1) * (example.retrieval_index >= 0)
+            length = spliced_length(spec, example)
             if length > spec.max_length:
                 if not spec.truncate:
                     raise MaskingError(sample_id, "too_long", f"needs {length} positions, max_length is "
@@ -260,8 +268,10 @@ def process_record(spec: SampleSpec, index: int, record: Mapping[str, Any], for_
         return MaskingError(sample_id, "image_without_marker", f"the record has an image but no "
                             f"{IMAGE_PLACEHOLDER} in its conversation, so the model would never see it")
     try:
-        pixels = (preprocess_image(image_bytes, spec.image_size, spec.mean, spec.std, pad=spec.pad_to_square,
-                                   sample_id=sample_id) if image_bytes else blank_image(spec.image_size))
+        pixels = None
+        if decode_image:
+            pixels = (preprocess_image(image_bytes, spec.image_size, spec.mean, spec.std, pad=spec.pad_to_square,
+                                       sample_id=sample_id) if image_bytes else blank_image(spec.image_size))
     except ImageError as error:
         return error
     if not answer:
@@ -270,13 +280,15 @@ def process_record(spec: SampleSpec, index: int, record: Mapping[str, Any], for_
                   question_type=_text(record.get("question_type", "")))
 
 
-def collate(samples: Sequence[Sample], spec: SampleSpec, side: str = "right") -> dict[str, np.ndarray]:
+def collate(samples: Sequence[Sample], spec: SampleSpec, side: str = "right", length: int | None = None
+            ) -> dict[str, np.ndarray]:
     """Stacks samples into a batch: pixels [B, H, W, 3] float32; input_ids, labels, attention_mask [B, L] int32;
-    image_index, retrieval_index, text_start, sample_index [B] int32."""
+    image_index, retrieval_index, text_start, sample_index [B] int32. L is `length` (a length bucket that holds
+    every sample's `spliced_length`) or, by default, `spec.max_length`."""
     pad_id = spec.tokenizer.pad_id
     if pad_id is None:
         raise ValueError(f"the tokenizer from {spec.tokenizer.source} has neither a pad nor an EOS token to pad with")
-    batch = pad_batch([sample.example for sample in samples], spec.max_length, pad_id, side=side)
+    batch = pad_batch([sample.example for sample in samples], length or spec.max_length, pad_id, side=side)
     batch["pixels"] = np.stack([sample.pixels for sample in samples])
     batch["sample_index"] = np.asarray([sample.index for sample in samples], np.int32)
     return batch

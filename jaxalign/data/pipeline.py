@@ -27,18 +27,38 @@ Resume: `make_vqa_dataset(..., start_step=s)` yields exactly the batches an unin
 on. It finds the position by replaying the selection of steps 0..s-1 (tokenising and decoding those samples
 without building batches), which also rebuilds the current pass's report; `iterator.state` /
 `start_state=` restore the position at no cost instead.
+
+Less padding (`length_buckets`, `group_by_length`; see `length_buckets` for the why and the figures):
+5. **Buckets.** With `length_buckets` each batch is padded to the smallest bucket (max_length is the last) that
+   holds its longest sample's spliced length, instead of to max_length. With several hosts, every host pads a step
+   to the largest bucket any host picked (`agree_length`, by default one all-gather of one integer per step).
+6. **Grouping.** With `group_by_length` = W > 0 the stream of valid samples (3-4 above, unchanged) is cut into
+   windows of W batches. A window is planned with a text-only pass (tokenising, no image decoding): its samples
+   are sorted by spliced length, cut into W batches and visited in an order seeded by (seed, window number), the
+   same on every host. Images are decoded when a batch is built; a sample whose image then fails to decode is
+   counted in the report and its row becomes a padding row without labels (the loss is a token mean, so the row
+   weighs nothing). The last window of a finite run keeps only full batches. `state` is then the position where
+   the current window starts plus the step: restoring it re-plans that window and skips its batches already
+   yielded; replaying steps (`start_step`) plans windows without decoding images, so images that would fail in
+   replayed batches are missing from the rebuilt report. States of grouped and ungrouped iterators do not mix.
+7. **Accounting.** `padding` (a `length_buckets.PaddingStats`) counts real spliced tokens against computed ones
+   (rows x padded length) over every batch the iterator built or replayed (steps 0.. with `start_step`, from the
+   restored step with `start_state`); the line printed at the end of each pass shows it so far. It is not split
+   by pass because in grouped mode a window mixes the end of one pass with the start of the next. Replayed steps
+   count with this host's own bucket (the hosts' agreement is not replayed).
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from jaxalign.data.batching import Sample, SampleSpec, SkipReport, collate, process_record
-from jaxalign.data.chat_templates import ChatTemplate, TokenizedExample
+from jaxalign.data.batching import Sample, SampleSpec, SkipReport, collate, process_record, spliced_length
+from jaxalign.data.chat_templates import IGNORE_LABEL, ChatTemplate, TokenizedExample
 from jaxalign.data.image_ops import blank_image
+from jaxalign.data.length_buckets import PaddingStats, bucket_for, check_buckets, group_window, max_over_processes
 from jaxalign.data.tokenizer import Tokenizer
 
 
@@ -74,9 +94,16 @@ def _jax_process(process_index: int | None, process_count: int | None) -> tuple[
     return process_index, process_count
 
 
-def _source_dataset(data_source: Any, spec: SampleSpec, for_generation: bool = False) -> grain.MapDataset:
+def _source_dataset(data_source: Any, spec: SampleSpec, for_generation: bool = False, decode_image: bool = True
+                    ) -> grain.MapDataset:
     return grain.MapDataset.source(data_source).map_with_index(
-        lambda index, record: process_record(spec, index, record, for_generation))
+        lambda index, record: process_record(spec, index, record, for_generation, decode_image))
+
+
+def _padding_row(spec: SampleSpec) -> Sample:
+    """A row that is no sample: one padding token, no label, blank pixels, sample_index -1."""
+    example = TokenizedExample([spec.tokenizer.pad_id], [IGNORE_LABEL], -1, -1, -1, 0)
+    return Sample(-1, None, example, blank_image(spec.image_size), "", "")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -84,42 +111,71 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
     """Endless (or `num_epochs`) full training batches of one host; see the module docstring for the order.
 
     Attributes:
-        state: {'epoch', 'position', 'step'}: where the next batch starts (pass it as `start_state`).
+        state: {'epoch', 'position', 'step'}: where the next batch starts (pass it as `start_state`); with
+            grouping, where the current window starts (see the module docstring).
         report: the `SkipReport` of the current pass so far; `reports`: those of the finished passes.
+        padding: the `PaddingStats` of the batches built or replayed so far (module docstring, 7).
         host_indexes: the source indexes this host reads.
+        length_buckets: the checked buckets (() when off); group_by_length: batches per sorted window (0: off).
     """
 
     def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, seed: int, host_indexes: np.ndarray,
-                 shuffle: bool, num_epochs: int | None, fail_fast: bool, verbose: bool):
+                 shuffle: bool, num_epochs: int | None, fail_fast: bool, verbose: bool,
+                 length_buckets: Sequence[int] = (), group_by_length: int = 0,
+                 agree_length: Callable[[int], int] | None = None):
         if len(host_indexes) == 0:
             raise ValueError("this host's slice of the data is empty; use fewer processes or more data")
+        if group_by_length < 0:
+            raise ValueError(f"group_by_length={group_by_length}: batches per sorted window, 0 for no grouping")
         self.dataset = _source_dataset(data_source, spec)
         self.spec, self.batch_size, self.seed = spec, batch_size, seed
         self.host_indexes, self.shuffle, self.num_epochs = host_indexes, shuffle, num_epochs
         self.fail_fast, self.verbose = fail_fast, verbose
+        self.length_buckets = check_buckets(length_buckets, spec.max_length)
+        self.group_by_length = int(group_by_length)
+        self.agree_length = agree_length
         self.epoch, self.position, self.step = 0, 0, 0
         self.report = SkipReport()
         self.reports: list[SkipReport] = []
+        self.padding = PaddingStats()
         self._order = self._epoch_order(0)
+        # Grouping: the text-only dataset that plans windows, and the current window's plan.
+        self._planning = _source_dataset(data_source, spec, decode_image=False) if self.group_by_length else None
+        self._plan: np.ndarray | None = None            # [batches, batch_size] source indexes, in visiting order
+        self._plan_lengths: np.ndarray | None = None    # their spliced lengths
+        self._cursor = 0                                 # batches of the plan already taken
+        self._window_start = (0, 0)                      # (epoch, position) where the plan's window starts
 
     @property
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "step": self.step}
+        if self._plan is not None and self._cursor < len(self._plan):
+            epoch, position = self._window_start
+        else:
+            epoch, position = self.epoch, self.position
+        return {"epoch": epoch, "position": position, "step": self.step}
 
     def restore(self, state: Mapping[str, int]) -> None:
-        """Continues from `state` (from `.state`); the current pass's report restarts empty."""
+        """Continues from `state` (from `.state`); the current pass's report and the padding stats restart empty."""
         self.epoch, self.position, self.step = int(state["epoch"]), int(state["position"]), int(state["step"])
         self._order = self._epoch_order(self.epoch)
-        self.report = SkipReport()
+        self.report, self.padding = SkipReport(), PaddingStats()
+        self._plan = None
+        if self.group_by_length and self.step % self.group_by_length:
+            self._plan_window()  # the window in progress, whose first step % W batches were yielded already
+            self._cursor = self.step % self.group_by_length
 
     def skip_steps(self, steps: int) -> None:
         """Moves past `steps` batches exactly as `next` would, without building them."""
         for _ in range(steps):
             try:
-                self._take_samples()
+                if self.group_by_length:
+                    _, lengths = self._take_planned()
+                else:
+                    lengths = [spliced_length(self.spec, sample.example) for sample in self._take_samples()]
             except StopIteration:
                 raise ValueError(f"cannot start at step {self.step + steps}: the {self.num_epochs} epoch(s) end "
                                  f"after step {self.step}") from None
+            self.padding.add(lengths, self._local_length(lengths))
             self.step += 1
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -129,7 +185,8 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
 
     def _end_pass(self) -> None:
         if self.verbose:
-            print(f"data pass {self.epoch}: {self.report}", file=sys.stderr, flush=True)
+            padding = f"\n  padding so far: {self.padding}" if self.padding.batches else ""
+            print(f"data pass {self.epoch}: {self.report}{padding}", file=sys.stderr, flush=True)
         if self.report.total and self.report.kept == 0:
             raise ValueError(f"no usable sample in a whole pass over this host's data:\n{self.report}")
         self.reports.append(self.report)
@@ -157,10 +214,73 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
                 self._end_pass()
         return samples
 
+    def _plan_window(self) -> None:
+        """Plans the next window: up to W x batch_size valid samples (text only), grouped by `group_window`."""
+        self._window_start = (self.epoch, self.position)
+        indexes: list[int] = []
+        lengths: list[int] = []
+        while len(indexes) < self.group_by_length * self.batch_size:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                break
+            index = int(self._order[self.position])
+            result = self._planning[index]
+            self.position += 1
+            self.report.total += 1
+            if isinstance(result, Sample):
+                indexes.append(index)
+                lengths.append(spliced_length(self.spec, result.example))
+            elif self.fail_fast:
+                raise result
+            else:
+                self.report.add(result)
+            if self.position == len(self._order):
+                self._end_pass()
+        usable = len(indexes) // self.batch_size * self.batch_size  # a finite run's last window: full batches only
+        if usable == 0:
+            raise StopIteration
+        rows = group_window(lengths[:usable], self.batch_size, self.seed, self.step // self.group_by_length)
+        self._plan = np.asarray(indexes[:usable])[rows]
+        self._plan_lengths = np.asarray(lengths[:usable])[rows]
+        self._cursor = 0
+
+    def _take_planned(self) -> tuple[np.ndarray, np.ndarray]:
+        """The source indexes [batch_size] and spliced lengths of the next planned batch."""
+        if self._plan is None or self._cursor == len(self._plan):
+            self._plan_window()
+        indexes, lengths = self._plan[self._cursor], self._plan_lengths[self._cursor]
+        self._cursor += 1
+        return indexes, lengths
+
+    def _load(self, index: int) -> Sample:
+        """A planned sample with its image; a padding row (counted in the report) when the image fails."""
+        result = self.dataset[index]
+        if isinstance(result, Sample):
+            return result
+        if self.fail_fast:
+            raise result
+        self.report.add(result)
+        return _padding_row(self.spec)
+
+    def _local_length(self, lengths: Sequence[int]) -> int:
+        """This host's padded length for a batch of these spliced lengths."""
+        return bucket_for(max(lengths), self.length_buckets) if self.length_buckets else self.spec.max_length
+
     def __next__(self) -> dict[str, np.ndarray]:
-        samples = self._take_samples()
+        if self.group_by_length:
+            samples = [self._load(int(index)) for index in self._take_planned()[0]]
+        else:
+            samples = self._take_samples()
         self.step += 1
-        return collate(samples, self.spec)
+        lengths = [spliced_length(self.spec, sample.example) for sample in samples]
+        length = self._local_length(lengths)
+        if self.length_buckets and self.agree_length is not None:
+            agreed = int(self.agree_length(length))
+            if agreed not in self.length_buckets or agreed < length:
+                raise ValueError(f"the hosts agreed on length {agreed} for step {self.step - 1}, which is not a "
+                                 f"bucket >= this host's {length} (buckets {self.length_buckets})")
+            length = agreed
+        self.padding.add(lengths, length)
+        return collate(samples, self.spec, length=length)
 
 
 def make_vqa_dataset(
@@ -189,11 +309,15 @@ def make_vqa_dataset(
     retrieval_length: int = 1,
     pad_to_square: bool = False,
     verbose: bool = True,
+    length_buckets: Sequence[int] = (),
+    group_by_length: int = 0,
+    agree_length: Callable[[int], int] | None = None,
 ) -> TrainBatches:
     """Training batches of this host: an iterator of dicts of numpy arrays, each with `batch_size` rows.
 
     Batch: pixels [B, H, W, 3] float32 (zeros for text-only samples); input_ids, labels, attention_mask [B, L]
-    int32 (right padded to `max_length`); image_index, retrieval_index, text_start [B] int32 (-1: none);
+    int32 (right padded to `max_length`, or to the batch's length bucket); image_index, retrieval_index,
+    text_start [B] int32 (-1: none);
     sample_index [B] int32, the record's row in `data_source` (the memory-bank id for leave-one-out).
 
     Args:
@@ -211,14 +335,22 @@ def make_vqa_dataset(
         fail_fast: raise the first bad sample's error instead of skipping and counting it.
         truncate: cut over-long samples instead of skipping them (reason `too_long`).
         pad_to_square: LLaVA's 'pad' aspect mode.
-        verbose: print each pass's `SkipReport` to stderr when the pass ends.
+        verbose: print each pass's `SkipReport` and `PaddingStats` to stderr when the pass ends.
+        length_buckets: pad each batch to the smallest of these lengths that holds its longest sample (max_length
+            is always the last); empty: every batch has max_length.
+        group_by_length: batches per length-sorted window (module docstring, 6); 0: no grouping.
+        agree_length: `(this host's padded length) -> the step's padded length`, called once per built batch
+            when bucketing; every host must get the same answer. Default: the largest over the JAX processes
+            (`length_buckets.max_over_processes`) when `process_count` > 1, else this host's own.
     """
     process_index, process_count = _jax_process(process_index, process_count)
+    if agree_length is None and process_count > 1:
+        agree_length = max_over_processes
     spec = SampleSpec(tokenizer, template, image_size, tuple(mean), tuple(std), max_length, insert_retrieval,
                       image_length, retrieval_length, pad_to_square, truncate)
     selected = np.sort(select_fraction(len(data_source), fraction, seed if fraction_seed is None else fraction_seed))
     iterator = TrainBatches(data_source, spec, batch_size, seed, host_slice(selected, process_index, process_count),
-                            shuffle, num_epochs, fail_fast, verbose)
+                            shuffle, num_epochs, fail_fast, verbose, length_buckets, group_by_length, agree_length)
     if start_state is not None:
         iterator.restore(start_state)
     else:
@@ -274,10 +406,7 @@ class EvalBatches:
 
     def _batch(self, samples: list[Sample]) -> dict[str, np.ndarray]:
         side = "left" if self.for_generation else "right"
-        pad_id = self.spec.tokenizer.pad_id
-        filler = Sample(-1, None, TokenizedExample([pad_id], [-100], -1, -1, -1, 0),
-                        blank_image(self.spec.image_size), "", "")
-        rows = samples + [filler] * (self.batch_size - len(samples))
+        rows = samples + [_padding_row(self.spec)] * (self.batch_size - len(samples))
         batch = collate(rows, self.spec, side=side)
         batch["valid"] = np.arange(self.batch_size) < len(samples)
         batch["answer"] = np.asarray([row.answer for row in rows], dtype=object)
@@ -307,13 +436,17 @@ def make_eval_dataset(
     retrieval_length: int = 1,
     pad_to_square: bool = False,
     verbose: bool = True,
+    length_buckets: Sequence[int] = (),
+    group_by_length: int = 0,
 ) -> EvalBatches:
     """Evaluation batches of this host (see `EvalBatches`); iterate it once per evaluation.
 
     With `for_generation` the rows are prompts (the conversation up to its last answer, left padded, labels all
     ignored) and `answer` holds the reference answer; otherwise rows are training-style (loss, perplexity).
-    Other arguments as in `make_vqa_dataset`.
+    Other arguments as in `make_vqa_dataset`; `length_buckets` and `group_by_length` are accepted so that one
+    options dict serves training and evaluation, and ignored: evaluation batches always have max_length.
     """
+    del length_buckets, group_by_length
     process_index, process_count = _jax_process(process_index, process_count)
     spec = SampleSpec(tokenizer, template, image_size, tuple(mean), tuple(std), max_length, insert_retrieval,
                       image_length, retrieval_length, pad_to_square, truncate)
