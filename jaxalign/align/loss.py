@@ -6,10 +6,17 @@ also requires the target position to be a TEXT token, so an image or retrieved p
 even if a label were to land there. The cross-entropy is computed in vocabulary chunks
 (`jaxalign.train.losses.chunked_cross_entropy`), so [batch, tokens, vocab] float32 logits never exist.
 
+The loss is a mean over the batch's answer tokens, whose number varies from sample to sample, so the loss
+function reports that number as its 'loss_weight' metric: `jaxalign.train.step.make_train_step` then weights
+gradient-accumulation micro-batches by their answer tokens, and the update is the gradient of the whole batch's
+token mean (not a mean of micro-batch means). Pass `summed_metrics=SUMMED_METRICS` so that 'num_tokens' and
+'loss_sum' are the whole batch's totals for any accum_steps.
+
 Public API:
   loss_mask(labels [B,L], token_kind [B,L]) -> [B, L-1] bool (targets that count)
   answer_loss(hidden, labels, token_kind, lm_params, lm_cfg, chunk_size) -> (sum, count)
-  make_loss_fn(cfg, memory, train=True) -> loss_fn(params, batch, rng) -> (mean loss, metrics)
+  make_loss_fn(cfg, memory, train=True) -> loss_fn(params, batch, rng) -> (token-mean loss, metrics)
+  SUMMED_METRICS: the metrics of make_loss_fn that are totals over the batch
 """
 from __future__ import annotations
 
@@ -22,8 +29,12 @@ from jaxalign.align import model as model_lib
 from jaxalign.align import splice
 from jaxalign.models.decoder import DecoderConfig
 from jaxalign.train.losses import IGNORE_INDEX, chunked_cross_entropy
+from jaxalign.train.step import LOSS_WEIGHT
 
 PyTree = Any
+
+# Totals over the batch: summed, not averaged, over gradient-accumulation micro-batches.
+SUMMED_METRICS = ("num_tokens", "loss_sum")
 
 
 def loss_mask(labels: jax.Array, token_kind: jax.Array) -> jax.Array:
@@ -55,14 +66,16 @@ def make_loss_fn(cfg: model_lib.TinyAlignConfig, memory: Any, train: bool = True
                  ) -> Callable[[PyTree, dict, jax.Array], tuple[jax.Array, dict]]:
     """`loss_fn(params, batch, rng) -> (mean answer-token loss, metrics)` for `jaxalign.train.step`.
 
-    `memory` may be a traced argument (the trainer passes the bank into the jitted step). Metrics: 'num_tokens'
-    (answer tokens in the batch), 'loss_sum' and, with retrieval, 'own_id_retrieved' (share of retrieved
-    neighbours that are the sample itself: 0 with leave-one-out) and 'retrieval_score' (mean top-1 score).
+    `memory` may be a traced argument (the trainer passes the bank into the jitted step). The loss is 0 for a
+    batch without answer tokens. Metrics: 'num_tokens' (answer tokens in the batch), 'loss_weight' (the same
+    count, `jaxalign.train.step.LOSS_WEIGHT`: micro-batches are weighted by it), 'loss_sum' and, with
+    retrieval, 'own_id_retrieved' (share of retrieved neighbours that are the sample itself: 0 with
+    leave-one-out) and 'retrieval_score' (mean top-1 score).
     """
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         hidden, labels, aux = model_lib.vlm_forward(params, cfg, batch, memory, rng, train)
         loss_sum, count = answer_loss(hidden, labels, aux["token_kind"], params["lm"], cfg.lm, cfg.loss_chunk_size)
-        metrics = {"num_tokens": count, "loss_sum": loss_sum}
+        metrics = {"num_tokens": count, LOSS_WEIGHT: count, "loss_sum": loss_sum}
         if cfg.retrieval:
             found = aux["retrieved_ids"] >= 0
             own = model_lib.sample_ids_equal(aux["retrieved_ids"], batch["sample_index"]) & found
