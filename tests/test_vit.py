@@ -51,12 +51,12 @@ def _max_diff(a, b) -> float:
 class Tower:
     """A tiny transformers tower, its snapshot folder, its outputs, and what jaxalign loaded from the folder."""
 
-    def __init__(self, model, folder: str):
+    def __init__(self, model, folder: str, pixels: np.ndarray | None = None):
         self.model = model.eval()
         self.folder = folder
         model.save_pretrained(folder, safe_serialization=True)
         self.cfg, self.params = hf_vision.load(folder)
-        self.reference = _run_torch(self.model, _pixels())
+        self.reference = _run_torch(self.model, _pixels() if pixels is None else pixels)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,72 @@ def test_full_siglip_config_reads_vision_config_with_defaults():
     assert (cfg.variant, cfg.patch_size, cfg.image_size, cfg.hidden_size, cfg.num_layers) == ("siglip", 14, 224, 768,
                                                                                               12)
     assert cfg.use_head and cfg.hidden_act == "gelu_pytorch_tanh" and cfg.layer_norm_eps == 1e-6
+
+
+# ------------------------------------------------------------------------------------------ uneven patch grids
+
+# 30 / 8: a 3 x 3 grid covering the top-left 24 x 24 pixels, like SigLIP so400m's 384 / 14 (27 x 27, 378 pixels).
+UNEVEN = dict(TINY, num_hidden_layers=2, image_size=30, patch_size=8)
+
+
+def _uneven_pixels(seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(2, 30, 30, 3).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def uneven_towers(tmp_path_factory) -> dict[str, Tower]:
+    """A SigLIP (with head) and a CLIP tower of image 30, patch 8, and their transformers outputs."""
+    factories = {
+        "siglip": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**UNEVEN)),
+        "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**UNEVEN)),
+    }
+    root = tmp_path_factory.mktemp("hf_vision_uneven")
+    built = {}
+    for name, factory in factories.items():
+        torch.manual_seed(0)
+        built[name] = Tower(factory(), str(root / name), _uneven_pixels())
+    return built
+
+
+def test_patch_grid_drops_the_remainder_as_transformers_does():
+    cfg = vit.VisionConfig(image_size=384, patch_size=14, hidden_size=8, intermediate_size=8, num_layers=1,
+                           num_heads=2)
+    assert (cfg.grid_size, cfg.num_patches, cfg.num_tokens) == (27, 729, 729)
+    clip = vit.VisionConfig(**{**cfg.__dict__, "variant": "clip", "use_head": False})
+    assert vit.param_specs(clip)["embeddings"]["position"].shape == (730, 8)  # the class token's row too
+
+
+@pytest.mark.parametrize("patch_size", [0, -4, 33])
+def test_patch_size_outside_one_to_image_size_is_rejected(patch_size):
+    with pytest.raises(ValueError, match=f"patch_size={patch_size} must be between 1 and image_size=32"):
+        vit.VisionConfig(image_size=32, patch_size=patch_size)
+
+
+@pytest.mark.parametrize("name", ["siglip", "clip"])
+def test_uneven_patch_grid_matches_transformers(uneven_towers, name):
+    tower = uneven_towers[name]
+    assert tower.cfg.num_patches == 9 and tower.params["embeddings"]["position"].shape[0] == tower.cfg.num_tokens
+    last = _encode(tower.params, _uneven_pixels(), tower.cfg)
+    second_to_last = _encode(tower.params, _uneven_pixels(), tower.cfg, layer=-2)
+    assert last.hidden_states.shape == tuple(tower.reference.last_hidden_state.shape)
+    assert _max_diff(last.hidden_states, tower.reference.last_hidden_state) <= PARITY_TOLERANCE
+    assert _max_diff(second_to_last.hidden_states, tower.reference.hidden_states[-2]) <= PARITY_TOLERANCE
+    assert _max_diff(last.pooled, tower.reference.pooler_output) <= PARITY_TOLERANCE
+    # The last 6 rows and columns are never read: changing them changes nothing.
+    edited = _uneven_pixels().copy()
+    edited[:, 24:], edited[:, :, 24:] = 100.0, -100.0
+    np.testing.assert_array_equal(np.asarray(_encode(tower.params, edited, tower.cfg).hidden_states),
+                                  np.asarray(last.hidden_states))
+
+
+@pytest.mark.parametrize("name", ["siglip", "clip"])
+def test_hf_verify_accepts_an_uneven_patch_grid(uneven_towers, name, capsys):
+    from jaxalign import cli
+
+    code = cli.main(["hf-verify", uneven_towers[name].folder])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["ok"] is True, report
+    assert report["kind"] == "vision" and report["max_abs_diff"] <= PARITY_TOLERANCE
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -23,11 +23,13 @@ E embedding width, F MLP width, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models import attention as attention_kernels
 from jaxalign.models import layers
 from jaxalign.models.layers import EMBED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, ParamSpec
 
@@ -56,6 +58,13 @@ class DecoderConfig:
       max_position_embeddings: longest context the checkpoint was trained for (informational).
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters may be stored in float32 and are cast at use.
       bos_token_id, eos_token_id, pad_token_id: special token ids (eos may be a tuple of ids).
+      attention: attention kernel of the uncached forward pass (training, scoring), one of
+        `jaxalign.models.attention.IMPLEMENTATIONS`: 'auto' (default: cuDNN flash attention on GPU in bfloat16,
+        splash on TPU, 'chunked' from 1024 tokens and 'xla' below elsewhere), 'einsum', 'xla', 'chunked', 'cudnn',
+        'splash'. Cached decoding uses this kernel when it honours positions ('einsum', 'xla', 'chunked') and
+        'einsum' otherwise, so generation does not depend on it.
+      remat: what the backward pass keeps per layer, one of `layers.REMAT_POLICIES`: 'none' (default),
+        'save_dots', 'nothing', 'offload' (see `layers.remat_layer`).
     """
 
     family: str = "llama"
@@ -81,10 +90,15 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    attention: str = "auto"
+    remat: str = "none"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"DecoderConfig.family={self.family!r}; expected one of {FAMILIES}")
+        attention_kernels.check_implementation(self.attention, "DecoderConfig.attention")
+        if self.remat not in layers.REMAT_POLICIES:
+            raise ValueError(f"DecoderConfig.remat={self.remat!r}; expected one of {layers.REMAT_POLICIES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"DecoderConfig.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
         if self.head_dim is None:
@@ -256,9 +270,10 @@ def _project(params: dict, x: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _attention_block(params: dict, cfg: DecoderConfig, x: jax.Array, sin: jax.Array, cos: jax.Array,
-                     mask: jax.Array, cached: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
+                     attend: Callable, cached: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
     """Self-attention of x [B, T, E]; with `cached` ([B, S, K, D] keys and values) writes the new keys and
-    values at slot `index` and attends to the whole cache. Returns ([B, T, E], updated cache slices or None)."""
+    values at slot `index` and attends to the whole cache. `attend(q, k, v)` is the masked attention kernel.
+    Returns ([B, T, E], updated cache slices or None)."""
     dtype = cfg.compute_dtype
     q = layers.apply_rotary(_project(params["query"], x, dtype), sin, cos)
     k = layers.apply_rotary(_project(params["key"], x, dtype), sin, cos)
@@ -268,7 +283,7 @@ def _attention_block(params: dict, cfg: DecoderConfig, x: jax.Array, sin: jax.Ar
         k = jax.lax.dynamic_update_slice(cached_keys, k.astype(cached_keys.dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(cached_values, v.astype(cached_values.dtype), (0, index, 0, 0))
         cached = (k, v)
-    out = layers.attention(q, k.astype(dtype), v.astype(dtype), mask)
+    out = attend(q, k.astype(dtype), v.astype(dtype))
     out = jnp.einsum("bthd,hde->bte", out, params["output"]["kernel"].astype(dtype))
     if "bias" in params["output"]:
         out = out + params["output"]["bias"].astype(dtype)
@@ -335,17 +350,25 @@ def forward(params: dict, cfg: DecoderConfig, *, input_ids: jax.Array | None = N
 
     if cache is None:
         key_positions, key_valid, index = positions, mask, None
+        implementation = cfg.attention
     else:
         index = cache.index
         key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-    may_attend = key_valid[:, None, None, :] & layers.causal_mask(positions, key_positions)
+        # Cache slots are not query tokens, so only kernels that read positions apply; by default decoding keeps
+        # the reference kernel.
+        implementation = cfg.attention if cfg.attention in ("einsum", "xla", "chunked") else "einsum"
+    # A query attends valid keys whose position is not later than its own. 'cudnn' and 'splash' compare token
+    # indices instead, which agrees as long as real tokens' positions increase along the row (default positions
+    # and align.splice's positions do).
+    attend = functools.partial(attention_kernels.dot_product_attention, implementation=implementation, causal=True,
+                               key_valid=key_valid, query_positions=positions, key_positions=key_positions)
 
+    @functools.partial(layers.remat_layer, remat=cfg.remat, field="DecoderConfig.remat")
     def layer(x, inputs):
         layer_params, cached = inputs
         h = _norm(cfg, layer_params["attention_norm"], x)
-        attended, cached = _attention_block(layer_params["attention"], cfg, h, sin, cos, may_attend, cached,
-                                            index)
+        attended, cached = _attention_block(layer_params["attention"], cfg, h, sin, cos, attend, cached, index)
         if cfg.family == "phi":
             x = x + attended + _mlp_block(layer_params["mlp"], cfg, h)
         else:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
+
+from jaxalign.models import attention as attention_kernels
 
 PyTree = Any
 
@@ -201,26 +202,50 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
       scale: logit scale, default 1 / sqrt(D).
     Returns:
       [B, T, H, D] in q's dtype. Logits and softmax are computed in float32.
+
+    This is the 'einsum' implementation of `jaxalign.models.attention`, which also holds the memory-light ones.
     """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
-    if num_heads % num_kv:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} key/value heads")
-    groups = num_heads // num_kv
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    qg = q.reshape(batch, q_len, num_kv, groups, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (batch, 1, q_len, k.shape[1]))[:, :, None]  # [B, 1, 1, T, S]
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return out.reshape(batch, q_len, num_heads, head_dim)
+    return attention_kernels.einsum_attention(q, k, v, mask, scale)
 
 
 def causal_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
     """[B, 1, T, S] True where key position <= query position. Positions are [B, T] and [B, S]."""
     return (key_positions[:, None, None, :] <= query_positions[:, None, :, None])
+
+
+# ---------------------------------------------------------------------------------------------- remat
+
+# What the backward pass of a scanned layer keeps, by name (`DecoderConfig.remat`, `VisionConfig.remat`):
+#   'none': everything (no jax.checkpoint; fastest, most memory).
+#   'save_dots': the outputs of matmuls against weights (projections, MLP), i.e. dots without batch dimensions;
+#     attention's batched q.k / p.v products and the elementwise work are recomputed. The usual trade-off:
+#     little recompute, and no [T, S] attention array is kept whatever the attention implementation.
+#   'nothing': only the layer inputs; the whole layer runs again in the backward pass (least memory).
+#   'offload': as 'save_dots', but the saved matmul outputs move to pinned host memory and come back for the
+#     backward pass. Needs a backend with a 'pinned_host' memory space (GPU, TPU and, in recent JAX, CPU);
+#     elsewhere it raises.
+REMAT_POLICIES = ("none", "save_dots", "nothing", "offload")
+
+
+def remat_layer(layer_fn: Callable, remat: str, field: str = "remat") -> Callable:
+    """`layer_fn` wrapped in `jax.checkpoint` with the policy named `remat` (see REMAT_POLICIES); 'none' returns it
+    unchanged. Meant for a `lax.scan` body, as MaxText does; `field` names the config field in errors."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"{field}={remat!r} is not a rematerialisation policy; expected one of {REMAT_POLICIES}")
+    if remat == "none":
+        return layer_fn
+    policies = jax.checkpoint_policies
+    if remat == "save_dots":
+        policy = policies.dots_with_no_batch_dims_saveable
+    elif remat == "nothing":
+        policy = policies.nothing_saveable
+    else:
+        memory_kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
+        if "pinned_host" not in memory_kinds:
+            raise ValueError(f"{field}='offload' needs a 'pinned_host' memory space, and {jax.default_backend()} "
+                             f"devices have {sorted(memory_kinds)}; use 'save_dots' or 'nothing'")
+        policy = policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return jax.checkpoint(layer_fn, policy=policy, prevent_cse=False)
 
 
 # ---------------------------------------------------------------------------------------------- rotary

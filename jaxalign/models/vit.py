@@ -10,7 +10,9 @@ Both variants share one pre-norm transformer encoder; they differ only around it
   (the pooled output), optionally followed by the visual projection of CLIPModel.
 
 The patch "convolution" (kernel = stride = patch size) is a dense layer over flattened patches, which is the same
-computation and shards like any other dense layer. Layers are stored stacked and run with `jax.lax.scan`.
+computation and shards like any other dense layer. When patch_size does not divide image_size (SigLIP so400m's
+384 / 14), the grid is image_size // patch_size patches a side and the right and bottom remainder pixels are never
+seen, exactly as Hugging Face's strided conv drops them. Layers are stored stacked and run with `jax.lax.scan`.
 
 Shapes: B batch, N = (image_size // patch_size) ** 2 patches, T tokens (N for SigLIP, N + 1 for CLIP with the class
 token first), E hidden size, H heads, D = E // H head width.
@@ -23,6 +25,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models import attention as attention_kernels
 from jaxalign.models import layers
 from jaxalign.models.layers import EMBED, HEAD_DIM, HEADS, MLP, ParamSpec
 
@@ -42,7 +45,8 @@ class VisionConfig:
 
     Attributes:
       image_size: input height and width in pixels (square images).
-      patch_size: side of a square patch; image_size must be a multiple of it.
+      patch_size: side of a square patch, 1 .. image_size. It need not divide image_size: the patch grid is
+        image_size // patch_size a side (27 for 384 / 14) and the remaining right and bottom pixels are dropped.
       num_channels: input channels (3 for RGB).
       hidden_size: token width E.
       intermediate_size: MLP hidden width.
@@ -54,6 +58,12 @@ class VisionConfig:
       use_head: SigLIP only: whether the attention-pooling head exists (its output is `VisionOutput.pooled`).
       projection_dim: CLIP only: width of the visual projection applied to the pooled class token, or None.
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters may be stored in float32 and are cast at use.
+      attention: attention kernel of the encoder layers, one of `jaxalign.models.attention.IMPLEMENTATIONS`:
+        'auto' (default: cuDNN flash attention on GPU in bfloat16, splash on TPU, 'xla' or, from 1024 tokens,
+        'chunked' elsewhere), 'einsum', 'xla', 'chunked', 'cudnn', 'splash'. The pooling head (one probe query)
+        always uses 'einsum'. Checked when `encode` runs.
+      remat: what the backward pass keeps per encoder layer, one of `layers.REMAT_POLICIES`: 'none' (default),
+        'save_dots', 'nothing', 'offload' (see `layers.remat_layer`). Checked when `encode` runs.
     """
 
     image_size: int = 224
@@ -69,15 +79,17 @@ class VisionConfig:
     use_head: bool = True
     projection_dim: int | None = None
     dtype: str = "float32"
+    attention: str = "auto"
+    remat: str = "none"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"VisionConfig.variant={self.variant!r}; expected one of {VARIANTS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"VisionConfig.dtype={self.dtype!r}; expected one of {DTYPES}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"VisionConfig.image_size={self.image_size} is not a multiple of "
-                             f"patch_size={self.patch_size}")
+        if not 0 < self.patch_size <= self.image_size:
+            raise ValueError(f"VisionConfig.patch_size={self.patch_size} must be between 1 and "
+                             f"image_size={self.image_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"VisionConfig.hidden_size={self.hidden_size} is not a multiple of "
                              f"num_heads={self.num_heads}")
@@ -92,8 +104,14 @@ class VisionConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def grid_size(self) -> int:
+        """Patches along each side: image_size // patch_size (a remainder of pixels is dropped, as in HF)."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """N = grid_size ** 2 (729 for image 384, patch 14); CLIP's position table has N + 1 rows."""
+        return self.grid_size ** 2
 
     @property
     def has_class_token(self) -> bool:
@@ -187,14 +205,16 @@ def logical_axes(cfg: VisionConfig) -> dict:
 # ------------------------------------------------------------------------------------------ forward pass
 
 
-def _multihead_attention(params: dict, queries: jax.Array, keys_values: jax.Array, dtype: Any) -> jax.Array:
-    """Attention of queries [B, T, E] over keys_values [B, S, E], no mask -> [B, T, E]."""
+def _multihead_attention(params: dict, queries: jax.Array, keys_values: jax.Array, dtype: Any,
+                         implementation: str = "einsum") -> jax.Array:
+    """Attention of queries [B, T, E] over keys_values [B, S, E], no mask -> [B, T, E], with the kernel named by
+    `implementation` (see `jaxalign.models.attention`)."""
     def project(name: str, x: jax.Array) -> jax.Array:
         kernel, bias = params[name]["kernel"].astype(dtype), params[name]["bias"].astype(dtype)
         return jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel) + bias
 
-    out = layers.attention(project("query", queries), project("key", keys_values), project("value", keys_values),
-                           mask=None)
+    out = attention_kernels.dot_product_attention(project("query", queries), project("key", keys_values),
+                                                  project("value", keys_values), implementation=implementation)
     out_params = params["out"]
     return (jnp.einsum("bthd,hde->bte", out, out_params["kernel"].astype(dtype))
             + out_params["bias"].astype(dtype))
@@ -208,7 +228,7 @@ def _encoder_layer(params: dict, x: jax.Array, cfg: VisionConfig) -> jax.Array:
     """One pre-norm transformer layer: x + attention(norm1(x)), then + mlp(norm2(.)). x is [B, T, E]."""
     dtype = cfg.compute_dtype
     normed = layers.layer_norm(params["norm1"], x, cfg.layer_norm_eps)
-    x = x + _multihead_attention(params["attention"], normed, normed, dtype)
+    x = x + _multihead_attention(params["attention"], normed, normed, dtype, cfg.attention)
     normed = layers.layer_norm(params["norm2"], x, cfg.layer_norm_eps)
     return x + _mlp(params["mlp"], normed, cfg.hidden_act, dtype)
 
@@ -217,14 +237,17 @@ def embed_patches(params: dict, cfg: VisionConfig, pixels: jax.Array) -> jax.Arr
     """Pixels [B, H, W, C] -> encoder input [B, T, E] (Hugging Face's `hidden_states[0]`).
 
     Patches are flattened in (row, column, channel) order, tokens in row-major patch order as Hugging Face's
-    conv + flatten(2) produces them. For CLIP the class token comes first and `pre_layrnorm` is applied.
+    conv + flatten(2) produces them. For CLIP the class token comes first and `pre_layrnorm` is applied. When
+    patch_size does not divide image_size only the top-left grid_size * patch_size pixels are used, as the strided
+    conv does.
     """
     batch, height, width, channels = pixels.shape
     if (height, width, channels) != (cfg.image_size, cfg.image_size, cfg.num_channels):
         raise ValueError(f"pixels have shape {tuple(pixels.shape)}; this tower expects "
                          f"[batch, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}] (use vit.preprocess)")
-    dtype, size, grid = cfg.compute_dtype, cfg.patch_size, cfg.image_size // cfg.patch_size
-    patches = pixels.astype(dtype).reshape(batch, grid, size, grid, size, channels)
+    dtype, size, grid = cfg.compute_dtype, cfg.patch_size, cfg.grid_size
+    covered = grid * size  # a strided conv never reads the remainder rows and columns
+    patches = pixels[:, :covered, :covered].astype(dtype).reshape(batch, grid, size, grid, size, channels)
     patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * grid, size * size * channels)
     tokens = layers.dense(params["embeddings"]["patch"], patches, dtype)
     if cfg.has_class_token:
@@ -275,7 +298,9 @@ def encode(params: dict, cfg: VisionConfig, pixels: jax.Array, *, layer: int = -
     if depth:
         # Only the first `depth` layers run: slicing the stacked parameters keeps one compiled layer body.
         needed = jax.tree.map(lambda p: p[:depth], params["layers"])
-        hidden, _ = jax.lax.scan(lambda x, p: (_encoder_layer(p, x, cfg), None), hidden, needed)
+        attention_kernels.check_implementation(cfg.attention, "VisionConfig.attention")
+        layer_fn = layers.remat_layer(lambda x, p: (_encoder_layer(p, x, cfg), None), cfg.remat, "VisionConfig.remat")
+        hidden, _ = jax.lax.scan(layer_fn, hidden, needed)
 
     pooled = projected = None
     features = hidden
