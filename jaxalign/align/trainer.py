@@ -39,16 +39,17 @@ import numpy as np
 from jaxalign import sharding
 from jaxalign.align import loss as loss_lib
 from jaxalign.align import model as model_lib
+from jaxalign.align import update_step
 from jaxalign.align.setup import (  # noqa: F401  (re-exported: the trainer's public names before the split)
     STAGE_TRAINABLE, Run, build_run, data_sources, freeze_rules, load_tokenizer, load_towers, model_config,
     overwrite_params, perceiver_config, read_checkpoint_params, stop_token_ids, tokenizer_corpus)
 from jaxalign.data import pipeline
 from jaxalign.data.batching import SkipReport
+from jaxalign.data.length_buckets import PaddingStats
 from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
 from jaxalign.train import loop, optimizer as opt_lib
 from jaxalign.train.state import create_train_state, state_shardings
-from jaxalign.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 ConfigDict = ml_collections.ConfigDict
@@ -148,15 +149,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     state = jax.device_put(state, shardings)
 
     # --- update step: one jit over (state, batch, memory), the bank searched inside -----------------------------
-    def step_with_memory(state, batch, memory):
-        step = make_train_step(loss_lib.make_loss_fn(cfg, memory, train=True), optimizer, mask,
-                               accum_steps=train.accum_steps, learning_rate_fn=schedule)
-        return step(state, batch)
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    memory_shardings = jax.tree.map(lambda leaf: leaf.sharding, run.memory)
-    jitted = jax.jit(step_with_memory, in_shardings=(shardings, sharding.batch_sharding(mesh, 1), memory_shardings),
-                     out_shardings=(shardings, replicated), donate_argnums=0)
+    jitted = update_step.jit_update_step(
+        update_step.make_update_step(cfg, optimizer, mask, train.accum_steps, schedule), shardings, mesh, run.memory)
     step_times: list[float] = []
 
     def train_step(state, batch):
@@ -193,10 +187,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     # --- evaluation ---------------------------------------------------------------------------------------------
     evaluation = evaluate(result.state.params, progress=config.progress) if config.eval.at_end else {}
     losses = [record["loss"] for record in result.history if "loss" in record]
-    skipped = SkipReport()
+    skipped, padding = SkipReport(), PaddingStats()
     for iterator in iterators:
         for report in iterator.reports + [iterator.report]:
             skipped = skipped.merge(report)
+        padding = padding.merge(iterator.padding)  # this host's batches: real spliced tokens / rows x padded length
     results = {
         "workdir": workdir, "stage": config.stage, "control": cfg.control.kind, "mode": cfg.query.mode,
         "k": cfg.k, "fraction": config.data.fraction, "steps": int(result.state.step), "total_steps": total_steps,
@@ -206,7 +201,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         "seconds_per_step": float(np.median(step_times[1:])) if len(step_times) > 1 else None,
         "compile_seconds": step_times[0] if step_times else None,
         "eval": evaluation, "memory": run.memory_info, "init": run.init_info,
-        "data": {"build_reports": run.sources["build_reports"], "train_skipped": skipped.to_json()},
+        "data": {"build_reports": run.sources["build_reports"], "train_skipped": skipped.to_json(),
+                 "train_padding": padding.to_json()},
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as file:

@@ -1,0 +1,46 @@
+"""TinyAlign's update step as one jitted program over (state, batch, memory bank): what the trainer runs and what
+`bench/train_step.py` compiles and times, so the benchmark measures exactly the trainer's step.
+
+The bank is an argument of the jitted step (not a closed-over constant), so its row-sharded keys stay where
+they are and the search runs inside the step. The state is donated: its buffers are reused for the new state.
+
+Public API:
+  make_update_step(cfg, optimizer, mask, accum_steps, learning_rate_fn) -> step(state, batch, memory)
+  jit_update_step(step, state_shardings, mesh, memory) -> jitted step(state, batch, memory) -> (state, metrics)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from jaxalign import sharding
+from jaxalign.align import loss as loss_lib
+from jaxalign.align import memory_keys
+from jaxalign.align.model import TinyAlignConfig
+from jaxalign.train.step import make_train_step
+
+PyTree = Any
+
+
+def make_update_step(cfg: TinyAlignConfig, optimizer: optax.GradientTransformation, mask: PyTree,
+                     accum_steps: int, learning_rate_fn: optax.Schedule | None = None) -> Callable:
+    """`step(state, batch, memory) -> (state, metrics)`: token-weighted answer loss, `accum_steps` micro-batches,
+    gradients of the trainable parts only (`mask`), the optimizer update."""
+    def step(state, batch, memory):
+        train_step = make_train_step(loss_lib.make_loss_fn(cfg, memory, train=True), optimizer, mask,
+                                     accum_steps=accum_steps, learning_rate_fn=learning_rate_fn,
+                                     summed_metrics=loss_lib.SUMMED_METRICS)
+        return train_step(state, batch)
+    return step
+
+
+def jit_update_step(step: Callable, state_shardings: PyTree, mesh: Mesh,
+                    memory: memory_keys.RetrievalMemory | None) -> Callable:
+    """`jax.jit` of `step` with the state's shardings, batch rows over every mesh axis, the bank as it is laid out
+    (arrays or `jax.ShapeDtypeStruct`s with shardings), replicated metrics; the state is donated."""
+    memory_shardings = jax.tree.map(lambda leaf: leaf.sharding, memory)
+    return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1), memory_shardings),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
