@@ -10,7 +10,7 @@ axis, so tiny test models run on any mesh.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -88,6 +88,27 @@ def param_shardings(params: PyTree, axes: PyTree, mesh: Mesh) -> PyTree:
 def shard_params(params: PyTree, axes: PyTree, mesh: Mesh) -> PyTree:
     """Places every parameter on the mesh according to its logical axes."""
     return jax.device_put(params, param_shardings(params, axes, mesh))
+
+
+def array_from_blocks(shape: Sequence[int], sharding: NamedSharding,
+                      read_block: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array of `shape` laid out by `sharding`, each of this process's shards made by `read_block`.
+
+    `read_block(index)` gets one slice per dimension with concrete start and stop (step 1) and returns that block
+    of the global value. Devices that hold the same block (replicas along a mesh axis) share one call, so a
+    loader reads each distinct block once per process.
+    """
+    shape = tuple(int(d) for d in shape)
+    blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        bounds = tuple(s.indices(d)[:2] for s, d in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)),
+                                                       shape))
+        if bounds not in blocks:
+            blocks[bounds] = read_block(tuple(slice(start, stop) for start, stop in bounds))
+        return blocks[bounds]
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

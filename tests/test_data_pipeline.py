@@ -265,12 +265,13 @@ def _assert_same_batches(expected, actual):
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_check_buckets_sorts_appends_max_length_and_rejects_too_large():
+def test_check_buckets_sorts_appends_max_length_drops_larger_and_rejects_non_positive():
     assert check_buckets((1280, 1024), 2048) == (1024, 1280, 2048)
     assert check_buckets((), 2048) == ()
+    assert check_buckets((512, 1024, 4096), 1000) == (512, 1000)  # a shorter max_length caps the buckets
     assert bucket_for(1025, (1024, 1280, 2048)) == 1280 and bucket_for(1024, (1024, 1280, 2048)) == 1024
     with pytest.raises(ValueError, match="length_buckets"):
-        check_buckets((4096,), 2048)
+        check_buckets((0, 1024), 2048)
 
 
 def test_buckets_pad_each_batch_to_the_smallest_bucket_holding_its_longest_sample(records, tokenizer):

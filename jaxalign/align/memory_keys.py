@@ -117,7 +117,10 @@ def memory_batches(batches: Iterable[dict], tokenizer: Any, value_kind: str, val
 def memory_fingerprint(params: PyTree, cfg: Any, source: str, extra: dict | None = None) -> str:
     """Fingerprint of everything a bank's keys and values depend on: the frozen vision tower, the LM embedding
     table, (faithful mode) the connector, the mode and sizes, and the data source."""
-    encoders = {"vision": params["vision"], "lm_embedding": params["lm"]["embed"]["embedding"]}
+    # The embedding is hashed in the compute dtype: stage 1 keeps a frozen LM in bfloat16 and stage 2 trains a
+    # float32 copy of the same weights, and both must find the same bank.
+    embedding = params["lm"]["embed"]["embedding"].astype(cfg.lm.compute_dtype)
+    encoders = {"vision": params["vision"], "lm_embedding": embedding}
     if cfg.query.mode == "faithful":
         encoders["connector"] = params["connector"]
     description = {"mode": cfg.query.mode, "value_kind": cfg.value_kind, "value_length": cfg.value_length,

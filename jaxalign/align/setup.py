@@ -6,7 +6,7 @@ parameters (with a previous stage's checkpoint written over them), the memory ba
   data_sources(config) -> {'train', 'eval', 'memory', 'build_reports'}
   tokenizer_corpus(config, sources) -> texts a word-level tokenizer for random towers is trained on
   load_tokenizer(config, workdir, sources) -> Tokenizer
-  load_towers(config, tokenizer) -> (vision cfg, vision params, LM cfg, LM params)
+  load_towers(config, tokenizer, mesh) -> (vision cfg, vision params, LM cfg, LM params), sharded over mesh
   model_config(config, vision_cfg, lm_cfg) -> TinyAlignConfig;  perceiver_config(config, cfg)
   read_checkpoint_params(workdir) -> {'connector/dense_0/kernel': array, ...}
   overwrite_params(params, saved, source) -> (params, replaced names)
@@ -38,7 +38,7 @@ from jaxalign.align import model as model_lib
 from jaxalign.align import value_encoders
 from jaxalign.align.controls import RetrievalControl
 from jaxalign.align.query import QueryConfig
-from jaxalign.data import chat_templates, image_ops, pipeline
+from jaxalign.data import chat_templates
 from jaxalign.data.tokenizer import Tokenizer, train_word_level_tokenizer
 from jaxalign.models import connector, decoder, vit
 from jaxalign.train import optimizer as opt_lib
@@ -163,15 +163,24 @@ def load_tokenizer(config: ConfigDict, workdir: str, sources: dict) -> Tokenizer
 
 
 # ================================================================================================ model
-def load_towers(config: ConfigDict, tokenizer: Tokenizer
+def load_towers(config: ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh | None = None
                 ) -> tuple[vit.VisionConfig, dict, decoder.DecoderConfig, dict]:
-    """(vision cfg, vision params, LM cfg, LM params): from Hugging Face folders or tiny random ones."""
+    """(vision cfg, vision params, LM cfg, LM params): from Hugging Face folders or tiny random ones.
+
+    Hugging Face towers are stored as they compute when frozen: the vision tower (always frozen) and the LM of a
+    stage that does not train it are kept in `config.model.dtype` (a bfloat16 run holds no float32 copy); an LM
+    that trains keeps float32 master weights. With a `mesh` they are read straight into their sharded layout,
+    each device's shard alone; without one they are single-device arrays (same values and dtypes).
+    """
     model = config.model
     if model.source == "hf":
         from jaxalign.io import hf_lm, hf_vision
 
-        vision_cfg, vision_params = hf_vision.load(model.vision_folder, dtype=model.dtype)
-        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype)
+        trainable = tuple(config.train.trainable) if config.train.trainable else STAGE_TRAINABLE[config.stage]
+        lm_dtype = jnp.float32 if "lm" in trainable else model.dtype
+        vision_cfg, vision_params = hf_vision.load(model.vision_folder, dtype=model.dtype, mesh=mesh,
+                                                   param_dtype=model.dtype)
+        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype, param_dtype=lm_dtype, mesh=mesh)
         if tokenizer.vocab_size > lm_cfg.vocab_size:
             raise ValueError(f"the tokenizer of {model.lm_folder} has {tokenizer.vocab_size} ids but the LM only "
                              f"{lm_cfg.vocab_size} embedding rows")
@@ -190,6 +199,10 @@ def model_config(config: ConfigDict, vision_cfg: vit.VisionConfig, lm_cfg: decod
     """The `TinyAlignConfig` of a run from its ConfigDict and the towers' configs."""
     model, retrieval = config.model, config.retrieval
     faithful = retrieval.mode == "faithful"
+    # Kernel and rematerialisation are the run's choice, not the checkpoint's.
+    vision_cfg = dataclasses.replace(vision_cfg, attention=model.get("attention", "auto"),
+                                     remat=model.get("vision_remat", "none"))
+    lm_cfg = dataclasses.replace(lm_cfg, attention=model.get("attention", "auto"), remat=model.get("remat", "none"))
     value_kind = "latents" if faithful else "tokens"
     value_width = retrieval.perceiver.latent_dim if faithful else lm_cfg.hidden_size
     value_length = retrieval.perceiver.num_latents if faithful else retrieval.value_length
@@ -318,7 +331,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
     tokenizer = load_tokenizer(config, workdir, sources)
 
     # --- model -------------------------------------------------------------------------------------------------
-    vision_cfg, vision_params, lm_cfg, lm_params = load_towers(config, tokenizer)
+    vision_cfg, vision_params, lm_cfg, lm_params = load_towers(config, tokenizer, mesh)  # already sharded
     cfg = model_config(config, vision_cfg, lm_cfg)
     if cfg.leave_one_out and sources["memory"] is not sources["train"]:
         # Bank ids index another data set, so a training sample has no entry of its own to leave out.
@@ -334,12 +347,19 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
         log.info("initialised %d parameters from %s", len(replaced), config.model.init_from)
     param_axes = model_lib.logical_axes(cfg)
     params = sharding.shard_params(params, param_axes, mesh)
+    from jaxalign.data import image_ops
+
     mean, std = image_ops.NORMALISATION[vision_cfg.variant]
     data_options = dict(tokenizer=tokenizer, template=template, image_size=vision_cfg.image_size, mean=mean, std=std,
                         max_length=cfg.max_length, insert_retrieval=cfg.retrieval and config.data.insert_retrieval,
                         image_length=cfg.num_image_tokens, retrieval_length=max(cfg.num_retrieved_tokens, 1),
                         truncate=config.data.truncate, pad_to_square=config.data.pad_to_square,
-                        fail_fast=config.data.fail_fast)
+                        fail_fast=config.data.fail_fast, length_buckets=tuple(config.data.length_buckets),
+                        group_by_length=config.data.group_by_length)
+    if config.data.length_buckets and cfg.retrieval and not data_options["insert_retrieval"]:
+        # Without a <rag> sentinel the pipeline cannot count the retrieved tokens in a sample's length, so a
+        # bucket could cut real tokens (answers) off the end of the spliced sequence.
+        raise ValueError("config.data.length_buckets needs config.data.insert_retrieval=True when retrieval is on")
 
     # --- memory bank -------------------------------------------------------------------------------------------
     memory, memory_info = None, {}
@@ -365,6 +385,8 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
     perceiver_cfg = perceiver_config(config, cfg) if cfg.value_kind == "latents" else None
 
     def build():
+        from jaxalign.data import pipeline  # the input pipeline (grain) is needed only to build a bank
+
         perceiver_params = (value_encoders.init_perceiver_values(perceiver_cfg) if perceiver_cfg else None)
         own_source = sources["memory"] is sources["train"]
         batches = pipeline.make_eval_dataset(sources["memory"], batch_size=retrieval.build_batch_size,

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.identity_retrieval_init = True      # start the linear retrieval connector as the identity
     c.model.max_length = 512       # LM sequence length after splicing image and retrieved tokens
     c.model.loss_chunk_size = 8192
+    c.model.attention = "auto"     # kernel of LM and tower: auto | einsum | xla | chunked | cudnn | splash
+    c.model.remat = "none"         # LM layer stack: none | save_dots | nothing | offload (jaxalign.models.layers)
+    c.model.vision_remat = "none"  # tower layer stack (frozen, no gradient: recomputing it saves nothing)
     c.model.init_from = ""         # a previous stage's workdir: its trained params initialise this run
 
     c.retrieval = ml_collections.ConfigDict()

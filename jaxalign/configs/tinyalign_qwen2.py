@@ -35,6 +35,14 @@ def get_config(arg: str | None = None):
     c.model.identity_retrieval_init = True
     c.model.max_length = 2048
     c.model.loss_chunk_size = 16384   # Qwen2 vocabulary 151,936: 10 chunks
+    # Memory per device (`bench/train_step.py --estimate`, 8 devices, 2048 tokens, bench/RESULTS.md): attention
+    # never keeps T x T probabilities ('auto': cuDNN flash on GPU, splash on TPU, chunked elsewhere). Stage 1
+    # (micro-batch 8) peaks at 54 GiB without remat, so it recomputes nothing; stage 2 at micro-batch 4 would
+    # peak at 46 GiB without remat but 134 GiB at micro-batch 16, so its LM layers recompute everything in the
+    # backward pass ('nothing': 16 GiB at 4, about 15% more FLOPs than no remat).
+    c.model.attention = "auto"
+    c.model.remat = "none" if arg.stage == 1 else "nothing"
+    c.model.vision_remat = "none"  # the tower is frozen under stop-gradient: nothing of it is kept for backward
 
     c.retrieval.control = arg.retrieval
     c.retrieval.mode = "default"
@@ -56,10 +64,11 @@ def get_config(arg: str | None = None):
         c.train.learning_rate, c.train.batch_size = 2e-5, 128
     c.data.eval_json, c.data.eval_name = "eval.json", f"eval_stage{arg.stage}"
     c.data.truncate = True         # LLaVA's own behaviour for the few over-long conversations
-    # Less padding: mix665k is mostly 729 image + ~100 text positions. Dense buckets around 800-1000, windows of
-    # 64 sorted batches: ~92% of computed tokens are real on mix665k-like lengths at global batch 128 and 256
-    # (43% padded to 2048); 8 buckets, 8 compiles (jaxalign/data/length_buckets.py, bench/train_step.py).
-    c.data.length_buckets = (512, 768, 832, 896, 1024, 1280, 1536, 2048)
+    # Less padding: mix665k is mostly 729 image + 96 retrieved + ~100 text positions. Dense buckets around
+    # 900-1150, windows of 64 sorted batches: ~92% of computed tokens are real on mix665k-like lengths at global
+    # batch 128 and 256 (47% padded to 2048); 8 buckets, 8 compiles (jaxalign/data/length_buckets.py,
+    # `bench/train_step.py --estimate` prints the share).
+    c.data.length_buckets = (512, 896, 960, 1024, 1152, 1280, 1536, 2048)
     c.data.group_by_length = 64
 
     c.train.num_epochs = 1.0

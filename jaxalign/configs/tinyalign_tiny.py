@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
     c.mesh = (-1, 1, 1)
     c.model.source = "random"
     c.model.max_length = 64
+    c.model.remat = "none"         # tiny towers: memory is no concern, recomputing would only cost time
     c.model.connector = "mlp2x_gelu"
     c.model.drop_first_vision_token = arg.mode == "faithful"
 

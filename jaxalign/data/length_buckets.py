@@ -44,19 +44,18 @@ _GROUP_TAG = 0x6B0C  # keeps the batch-order stream apart from the epoch-order s
 
 
 def check_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
-    """The sorted buckets, with `max_length` appended when missing; () when `buckets` is empty (bucketing off).
+    """The sorted buckets up to `max_length`, which is always the last; () when `buckets` is empty (bucketing off).
 
-    Raises ValueError for a bucket that is not a positive integer or is larger than max_length.
+    Buckets above max_length are left out, so that overriding `config.model.max_length` alone (a shorter run)
+    keeps the smaller buckets instead of failing. Raises ValueError for a bucket that is not a positive integer.
     """
     if not buckets:
         return ()
     values = sorted({int(bucket) for bucket in buckets})
-    if values[0] < 1 or values[-1] > max_length:
-        raise ValueError(f"config.data.length_buckets={tuple(buckets)}: every bucket must be in [1, max_length="
-                         f"{max_length}] (max_length is always the last bucket)")
-    if values[-1] != max_length:
-        values.append(max_length)
-    return tuple(values)
+    if values[0] < 1:
+        raise ValueError(f"config.data.length_buckets={tuple(buckets)}: every bucket must be a positive number of "
+                         "positions")
+    return tuple(value for value in values if value < max_length) + (max_length,)
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:

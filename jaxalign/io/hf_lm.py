@@ -8,6 +8,8 @@ and the transformers 5 layout (`rope_parameters`) are read; exports write both, 
 
 Hugging Face stores a projection as `weight` [out, in]; jaxalign stores `kernel` [in, out], with attention
 kernels split per head ([E, H, D] and [H, D, E]) and every layer's parameters stacked on a leading axis.
+`load(folder, mesh=...)` builds those global arrays straight in their sharded layout from `param_recipes`, each
+device's shard read alone from the safetensors files, in the dtype asked for (bfloat16 stays bfloat16).
 """
 from __future__ import annotations
 
@@ -258,9 +260,66 @@ def _to_hf_matrix(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)  # [in, ...] -> [out, in]
 
 
-def load(folder: str, dtype: str = "float32", param_dtype: Any = jnp.float32) -> tuple[DecoderConfig, dict]:
-    """(config, params) of the Hugging Face causal LM snapshot in `folder` (no torch needed)."""
+def param_recipes(reader: hf_folder.SnapshotReader, cfg: DecoderConfig) -> dict:
+    """A `hf_folder.TensorRecipe` per jaxalign parameter: the Hugging Face tensor(s) it comes from and how, so a
+    loader can read any slice of it alone. Only the safetensors headers are read; shapes and leftover tensors
+    are checked as `params_from_hf` checks them.
+
+    `_to_ours` as (transpose, reshape): a kernel is the [out, in] weight transposed, then split into heads where
+    the jaxalign shape has them; everything else is only reshaped.
+    """
+    specs = decoder.param_specs(cfg)
+    used: set[str] = set()
+
+    def recipe(names: list[str], path: tuple[str, ...], shape: tuple[int, ...], stacked: bool = False
+               ) -> hf_folder.TensorRecipe:
+        hf_shape = _hf_shape(tuple(shape[1:] if stacked else shape), path)
+        perm = (1, 0) if path[-1] == "kernel" else tuple(range(len(hf_shape)))
+        made = hf_folder.TensorRecipe(tuple(names), tuple(shape), hf_shape, perm, stacked)
+        hf_folder.check_recipe(reader, made)
+        used.update(names)
+        return made
+
+    recipes: dict = {}
+    for name, path in _top_names(cfg).items():
+        spec = _get(specs, path)
+        if spec is not None:
+            _set(recipes, path, recipe([name], path, spec.shape))
+    for name, path in _layer_names(cfg).items():
+        spec = _get(specs["layers"], path)
+        if spec is not None:
+            names = [f"model.layers.{i}.{name}" for i in range(cfg.num_layers)]
+            _set(recipes, ("layers", *path), recipe(names, path, spec.shape, stacked=True))
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = sorted(name for name in reader
+                        if name not in used and name not in ignorable and not name.endswith("inv_freq"))
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        raise CheckpointFormatError(f"{reader.source}: tensors {shown} ({len(unexpected)} in all) have no place in "
+                                    f"a {cfg.family}-family model with this config.json; check model_type and the "
+                                    "bias / tying settings")
+    return recipes
+
+
+def load(folder: str, dtype: str = "float32", param_dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None
+         ) -> tuple[DecoderConfig, dict]:
+    """(config, params) of the Hugging Face causal LM snapshot in `folder` (no torch needed).
+
+    Args:
+      folder: the snapshot folder.
+      dtype: the compute dtype ('float32' or 'bfloat16'), stored in the config.
+      param_dtype: the params' dtype: float32 master weights for a model that trains, the compute dtype for a
+        frozen one (None: the compute dtype).
+      mesh: None reads every tensor whole into single-device arrays. With a mesh, each parameter is a global
+        array laid out by `decoder.logical_axes(cfg)` and every device's shard is read alone from the
+        safetensors files (only this process's devices' shards), cast per shard, never through a float32 copy.
+    """
     cfg = config_from_hf(hf_folder.read_config(folder), dtype=dtype, source=f"{folder}/config.json")
+    param_dtype = dtype if param_dtype is None else param_dtype
+    if mesh is not None:
+        with hf_folder.SnapshotReader(folder) as reader:
+            return cfg, hf_folder.load_sharded(reader, param_recipes(reader, cfg), decoder.logical_axes(cfg), mesh,
+                                               dtype=param_dtype)
     params = params_from_hf(hf_folder.read_tensors(folder), cfg, source=folder, param_dtype=param_dtype)
     return cfg, params
 

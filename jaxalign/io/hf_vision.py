@@ -10,10 +10,14 @@ Layout conversions (Hugging Face -> jaxalign): nn.Linear weights [out, in] are t
 attention projections become [E, H, D] (query / key / value) and [H, D, E] (output); the patch conv weight
 [E, C, P, P] becomes a dense kernel [P * P * C, E] over (row, column, channel)-flattened patches; per-layer tensors
 are stacked along a leading layer axis; the MAP head's packed `in_proj_weight` [3E, E] is split into q / k / v.
+
+`load(folder)` reads every tensor whole (float32 NumPy); `load(folder, mesh=...)` reads each device's shard alone
+in the stored or compute dtype, from the per-parameter `param_recipes` (the same conversions as transposes and
+reshapes of slices).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -262,13 +266,90 @@ def params_to_hf(params: dict, cfg: VisionConfig) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array, np.float32) for name, array in tensors.items()}
 
 
-def load(folder: str, dtype: str = "float32") -> tuple[VisionConfig, dict]:
-    """(config, params) of the vision tower in a local Hugging Face snapshot folder; params are float32 NumPy."""
+def param_recipes(reader: hf_folder.SnapshotReader, cfg: VisionConfig, prefix: str | None = None) -> dict:
+    """A `hf_folder.TensorRecipe` per jaxalign parameter: the Hugging Face tensor(s) it comes from and how, so a
+    loader can read any slice of it alone. Only the safetensors headers are read; every shape is checked as
+    `params_from_hf` checks it, and tower tensors the config has no place for are an error there as here.
+
+    The layouts of `_LAYOUTS` as (transpose, reshape): 'linear' / 'qkv' / 'out' transpose [out, in] -> [in, out]
+    and split heads, 'conv' transposes [E, C, P, P] -> [P, P, C, E] and flattens, the rest only reshape.
+    """
+    source = reader.source
+    prefix = detect_prefix(reader, source) if prefix is None else prefix
+    expected = layers.shapes(vit.param_specs(cfg))
+    tower, per_layer = _tensor_table(cfg)
+    recipes: dict = {}
+    used: set[str] = set()
+
+    def recipe(names: list[str], layout: str, shape: tuple[int, ...], stacked: bool = False, **region
+               ) -> hf_folder.TensorRecipe:
+        hf_shape = _hf_shape(cfg, layout, tuple(shape[1:] if stacked else shape))
+        perm = _TRANSPOSES[layout] or tuple(range(len(hf_shape)))
+        made = hf_folder.TensorRecipe(tuple(names), tuple(shape), hf_shape, perm, stacked, **region)
+        hf_folder.check_recipe(reader, made)
+        used.update(names)
+        return made
+
+    for name, path, layout in tower:
+        _set(recipes, path, recipe([prefix + name], layout, _get(expected, path).shape))
+    for name, path, layout in per_layer:
+        names = [prefix + name.format(i=i) for i in range(cfg.num_layers)]
+        _set(recipes, ("layers", *path), recipe(names, layout, _get(expected["layers"], path).shape, stacked=True))
+    if cfg.variant == "siglip" and cfg.use_head:
+        width = cfg.hidden_size
+        attention = ("head", "attention")
+        for index, name in enumerate(("query", "key", "value")):  # rows of the packed in_proj tensors
+            _set(recipes, (*attention, name, "kernel"), recipe(
+                [prefix + "head.attention.in_proj_weight"], "qkv", _get(expected, (*attention, name, "kernel")).shape,
+                row_offset=index * width, stored_shape=(3 * width, width)))
+            _set(recipes, (*attention, name, "bias"), recipe(
+                [prefix + "head.attention.in_proj_bias"], "qkv_bias", _get(expected, (*attention, name, "bias")).shape,
+                row_offset=index * width, stored_shape=(3 * width,)))
+    if cfg.projection_dim is not None:
+        _set(recipes, ("projection", "kernel"), recipe([PROJECTION_NAME], "linear",
+                                                       (cfg.hidden_size, cfg.projection_dim)))
+    unused = sorted(name for name in reader if name not in used and not name.endswith("position_ids")
+                    and name.startswith(tuple(prefix + root for root in _TOWER_ROOTS)))
+    if unused:
+        raise CheckpointFormatError(
+            f"{source}: {len(unused)} vision tensor(s) do not fit the config "
+            f"(variant={cfg.variant}, use_head={cfg.use_head}, layers={cfg.num_layers}): {unused[:8]}")
+    return recipes
+
+
+# The transpose each layout applies to the Hugging Face tensor before reshaping it (None: none).
+_TRANSPOSES: dict[str, tuple[int, ...] | None] = {
+    "copy": None, "linear": (1, 0), "qkv": (1, 0), "qkv_bias": None, "out": (1, 0), "conv": (2, 3, 1, 0),
+    "probe": None}
+
+
+def load(folder: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None, param_dtype: Any = None
+         ) -> tuple[VisionConfig, dict]:
+    """(config, params) of the vision tower in a local Hugging Face snapshot folder.
+
+    Args:
+      folder: the snapshot folder.
+      dtype: the tower's compute dtype ('float32' or 'bfloat16'), stored in the config.
+      mesh: None reads every tensor whole and returns float32 NumPy params (or `param_dtype` ones). With a mesh,
+        each parameter is a global array laid out by `vit.logical_axes(cfg)` and every device's shard is read
+        alone from the safetensors file (only this process's devices' shards), never through a float32 copy.
+      param_dtype: the params' dtype; None means float32 without a mesh and the compute dtype `dtype` with one
+        (a frozen tower is kept as it computes: a bfloat16 checkpoint stays bfloat16, a float32 one is cast per
+        shard).
+    """
     cfg = config_from_hf(hf_folder.read_config(folder), dtype=dtype)
+    if mesh is not None:
+        with hf_folder.SnapshotReader(folder) as reader:
+            recipes = param_recipes(reader, cfg)
+            return cfg, hf_folder.load_sharded(reader, recipes, vit.logical_axes(cfg), mesh,
+                                               dtype=dtype if param_dtype is None else param_dtype)
     files = hf_folder.weight_files(folder)
     tensors = hf_folder.read_tensors(folder)
     source = files[0] if len(files) == 1 else f"{folder} ({len(files)} safetensors shards)"
-    return cfg, params_from_hf(tensors, cfg, source)
+    params = params_from_hf(tensors, cfg, source)
+    if param_dtype is not None:
+        params = jax.tree.map(lambda array: np.asarray(array, param_dtype), params)
+    return cfg, params
 
 
 def export(folder: str, cfg: VisionConfig, params: dict) -> None:
