@@ -163,6 +163,19 @@ def load_tokenizer(config: ConfigDict, workdir: str, sources: dict) -> Tokenizer
 
 
 # ================================================================================================ model
+def trainable_parts(config: ConfigDict) -> tuple[str, ...]:
+    """The parts a run trains: `config.train.trainable`, or its stage's default."""
+    return tuple(config.train.trainable) if config.train.trainable else STAGE_TRAINABLE[config.stage]
+
+
+def stored_dtypes(config: ConfigDict) -> dict[str, str]:
+    """How a run stores each part of the model: frozen parts in the compute dtype (`config.model.dtype`), trained
+    ones in float32 (their master weights). The vision tower is always frozen."""
+    trainable = trainable_parts(config)
+    return {"vision": config.model.dtype, "lm": "float32" if "lm" in trainable else config.model.dtype,
+            "connector": "float32", "retrieval_connector": "float32"}
+
+
 def load_towers(config: ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh | None = None
                 ) -> tuple[vit.VisionConfig, dict, decoder.DecoderConfig, dict]:
     """(vision cfg, vision params, LM cfg, LM params): from Hugging Face folders or tiny random ones.
@@ -176,11 +189,10 @@ def load_towers(config: ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mes
     if model.source == "hf":
         from jaxalign.io import hf_lm, hf_vision
 
-        trainable = tuple(config.train.trainable) if config.train.trainable else STAGE_TRAINABLE[config.stage]
-        lm_dtype = jnp.float32 if "lm" in trainable else model.dtype
+        stored = stored_dtypes(config)
         vision_cfg, vision_params = hf_vision.load(model.vision_folder, dtype=model.dtype, mesh=mesh,
-                                                   param_dtype=model.dtype)
-        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype, param_dtype=lm_dtype, mesh=mesh)
+                                                   param_dtype=stored["vision"])
+        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype, param_dtype=stored["lm"], mesh=mesh)
         if tokenizer.vocab_size > lm_cfg.vocab_size:
             raise ValueError(f"the tokenizer of {model.lm_folder} has {tokenizer.vocab_size} ids but the LM only "
                              f"{lm_cfg.vocab_size} embedding rows")

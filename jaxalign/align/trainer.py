@@ -42,7 +42,7 @@ from jaxalign.align import model as model_lib
 from jaxalign.align import update_step
 from jaxalign.align.setup import (  # noqa: F401  (re-exported: the trainer's public names before the split)
     STAGE_TRAINABLE, Run, build_run, data_sources, freeze_rules, load_tokenizer, load_towers, model_config,
-    overwrite_params, perceiver_config, read_checkpoint_params, stop_token_ids, tokenizer_corpus)
+    overwrite_params, perceiver_config, read_checkpoint_params, stop_token_ids, tokenizer_corpus, trainable_parts)
 from jaxalign.data import pipeline
 from jaxalign.data.batching import SkipReport
 from jaxalign.data.length_buckets import PaddingStats
@@ -140,7 +140,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     schedule = opt_lib.warmup_cosine_schedule(train.learning_rate, total_steps, warmup_ratio=train.warmup_ratio,
                                               end_ratio=train.end_lr_ratio)
     adamw = opt_lib.adamw(schedule, weight_decay=train.weight_decay, clip_norm=train.clip_norm or None)
-    trainable = tuple(train.trainable) if train.trainable else STAGE_TRAINABLE[config.stage]
+    trainable = trainable_parts(config)
     rules = freeze_rules(trainable, adamw)
     optimizer = opt_lib.build_optimizer(run.params, rules)
     mask = opt_lib.trainable_mask(run.params, rules)
