@@ -10,6 +10,7 @@ axis, so tiny test models run on any mesh.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -114,6 +115,17 @@ def array_from_blocks(shape: Sequence[int], sharding: NamedSharding,
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a global batch: leading axis over ('data', 'fsdp'), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def trace_in_mesh(function: Callable, mesh: Mesh) -> Callable:
+    """`function` traced under `mesh`'s abstract mesh, so that code inside it can see the mesh
+    (`jax.sharding.get_abstract_mesh()`): kernels the compiler cannot partition (Pallas) wrap themselves in a
+    `jax.shard_map` over it. Shardings and results are unchanged."""
+    @functools.wraps(function)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return function(*args, **kwargs)
+    return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -409,7 +409,8 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
         host_batches = memory_keys.memory_batches(
             batches, data_options["tokenizer"], cfg.value_kind, cfg.value_length,
             perceiver_cfg.max_text_bytes if perceiver_cfg else 0)
-        return memory_keys.build_bank(functools.partial(encode, params, perceiver_params), host_batches, mesh,
+        encode_batch = sharding.trace_in_mesh(functools.partial(encode, params, perceiver_params), mesh)
+        return memory_keys.build_bank(encode_batch, host_batches, mesh,
                                       total=len(batches))
 
     bank, info = memory_keys.load_or_build_bank(directory, fingerprint, build, mesh,

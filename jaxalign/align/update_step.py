@@ -28,7 +28,8 @@ PyTree = Any
 def make_update_step(cfg: TinyAlignConfig, optimizer: optax.GradientTransformation, mask: PyTree,
                      accum_steps: int, learning_rate_fn: optax.Schedule | None = None) -> Callable:
     """`step(state, batch, memory) -> (state, metrics)`: token-weighted answer loss, `accum_steps` micro-batches,
-    gradients of the trainable parts only (`mask`), the optimizer update."""
+    gradients of the trainable parts only (`mask`), the optimizer update. Trace it in the run's mesh
+    (`jit_update_step` does) so that kernels the compiler cannot partition run per device."""
     def step(state, batch, memory):
         train_step = make_train_step(loss_lib.make_loss_fn(cfg, memory, train=True), optimizer, mask,
                                      accum_steps=accum_steps, learning_rate_fn=learning_rate_fn,
@@ -40,7 +41,8 @@ def make_update_step(cfg: TinyAlignConfig, optimizer: optax.GradientTransformati
 def jit_update_step(step: Callable, state_shardings: PyTree, mesh: Mesh,
                     memory: memory_keys.RetrievalMemory | None) -> Callable:
     """`jax.jit` of `step` with the state's shardings, batch rows over every mesh axis, the bank as it is laid out
-    (arrays or `jax.ShapeDtypeStruct`s with shardings), replicated metrics; the state is donated."""
+    (arrays or `jax.ShapeDtypeStruct`s with shardings), replicated metrics; the state is donated. The step is
+    traced in `mesh` (`jaxalign.sharding.trace_in_mesh`)."""
     memory_shardings = jax.tree.map(lambda leaf: leaf.sharding, memory)
-    return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1), memory_shardings),
+    return jax.jit(sharding.trace_in_mesh(step, mesh), in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1), memory_shardings),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -21,8 +21,8 @@ Implementations (`IMPLEMENTATIONS`):
 * 'splash': the TPU Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`),
   causal mask by index and padding as segment ids; sequences are padded to the 128-token block. On TPU it is
   compiled; on CPU it runs in Pallas interpret mode (slow, for tests); on GPU it is refused. A Pallas call is
-  not partitioned by the compiler: on a sharded TPU mesh it still needs a `shard_map` over the batch axis
-  (not done here yet).
+  not partitioned by the compiler, so under a multi-device mesh context (`jaxalign.sharding.trace_in_mesh`,
+  which the TinyAlign step and evaluator use) it runs per device inside a `jax.shard_map`.
 * 'auto': `resolve_implementation` picks per backend: GPU -> 'cudnn' for bfloat16 / float16 with a head width
   cuDNN takes (multiple of 8, at most 128) and self-attention when causal; TPU -> 'splash' for sequences of at
   least 128 tokens (self-attention when causal); otherwise 'chunked' from `CHUNKED_MIN_KEYS` keys on (there the
@@ -124,7 +124,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
         _require_cudnn(q)
         return length_masked_attention(q, k, v, causal=causal, key_valid=key_valid, scale=scale,
                                        implementation="cudnn")
-    return splash_attention(q, k, v, causal=causal, key_valid=key_valid, scale=scale)
+    return sharded_splash_attention(q, k, v, causal=causal, key_valid=key_valid, scale=scale)
 
 
 def _platform(backend: str | None) -> str:
@@ -369,6 +369,38 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
     out = run(heads_first(q * jnp.asarray(scale, q.dtype), q_padded), heads_first(k, kv_padded),
               heads_first(v, kv_padded), query_segments, key_segments)
     return out.transpose(0, 2, 1, 3)[:, :q_len].astype(q.dtype)
+
+
+def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+                             key_valid: jax.Array | None, scale: float, interpret: bool | None = None) -> jax.Array:
+    """`splash_attention` under a `jax.shard_map` when traced inside a multi-device mesh context.
+
+    The compiler cannot partition a Pallas call, so on a sharded mesh each device runs the kernel on its own rows:
+    the batch over the mesh's ('data', 'fsdp') axes (as `jaxalign.sharding.batch_sharding` lays it out) and the
+    heads over 'tensor' when it divides both head counts. The mesh is the abstract one the caller traces under
+    (`jaxalign.sharding.trace_in_mesh`); without one, or on one device, the kernel runs as it is. A batch that
+    the devices do not divide runs 'chunked' instead.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return splash_attention(q, k, v, causal=causal, key_valid=key_valid, scale=scale, interpret=interpret)
+    batch_axes = tuple(axis for axis in ("data", "fsdp") if axis in mesh.axis_names)
+    rows = int(np.prod([mesh.shape[axis] for axis in batch_axes]))
+    if q.shape[0] % rows:
+        # A batch that does not split evenly over the devices (the last batch of a bank build, say) takes the
+        # portable kernel, which the compiler partitions like any other computation.
+        return chunked_attention(q, k, v, causal=causal, key_valid=key_valid, scale=scale)
+    tensor = mesh.shape.get("tensor", 1)
+    heads_axis = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
+    activations = jax.sharding.PartitionSpec(batch_axes, None, heads_axis, None)
+    valid_spec = jax.sharding.PartitionSpec(batch_axes, None)
+    key_valid = jnp.ones(k.shape[:2], bool) if key_valid is None else key_valid.astype(bool)
+
+    def local(q, k, v, key_valid):
+        return splash_attention(q, k, v, causal=causal, key_valid=key_valid, scale=scale, interpret=interpret)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(activations, activations, activations, valid_spec),
+                         out_specs=activations, check_vma=False)(q, k, v, key_valid)
 
 
 @functools.lru_cache(maxsize=32)
