@@ -23,7 +23,9 @@ bfloat16 weights), with and without retrieval (k = 10 over a 558,128-row bank), 
 `../shared/peers/torch_vlm_step.py` (eager and torch.compile) in the same command. Rows come in order of
 importance: stage 2 at batch 16 and 32 with the compiled peer, the memory-bank search, then the rest. Each row:
 ms_per_step, samples_per_s, mfu (model_flops_per_sample x samples/s / peak, PEAK_TFLOPS env, default 989 dense
-bf16 for H100 / H200), and the peer's own line.
+bf16 for H100 / H200), mfu_peer_formula (the same with the peer's own FLOP count, for its approx_MFU), and the
+peer's own line. The GPU machine has no tensorflow-datasets or grain, which this script does not need; it needs
+ml_collections (carry a folder with it on PYTHONPATH if the machine lacks it).
 """
 from __future__ import annotations
 
@@ -141,6 +143,16 @@ def model_flops_per_sample(cfg: model_lib.TinyAlignConfig, trainable: tuple[str,
              "retrieval_connector": (retrieval, retrieved), "lm": (lm, seq_len)}
     total = sum(2.0 * n * t for n, t in parts.values())
     return total + sum(4.0 * parts[name][0] * parts[name][1] for name in trainable if name in parts)
+
+
+def peer_formula_flops_per_sample(cfg: model_lib.TinyAlignConfig, stage: int, seq_len: int) -> float:
+    """The peer's own MFU numerator (`torch_vlm_step.py`): vision forward, LM forward, and an LM backward of one
+    (stage 1: input gradients) or two (stage 2: input and weight gradients) forward's worth; no connectors."""
+    vision_specs = vit.param_specs(cfg.vision)
+    vision = _spec_count(vision_specs["embeddings"]["patch"]) + _spec_count(vision_specs["layers"])
+    lm_specs = decoder.param_specs(cfg.lm)
+    lm = _spec_count(lm_specs["layers"]) + _spec_count(lm_specs["final_norm"]) + cfg.lm.vocab_size * cfg.lm.hidden_size
+    return 2.0 * vision * cfg.num_vision_tokens + 2.0 * lm * seq_len * (1 + (2.0 if stage == 2 else 1.0))
 
 
 # ============================================================================================ the update step
@@ -332,7 +344,9 @@ def gpu_row(stage: int, batch_size: int, retrieval: bool, tiny: bool, steps: int
     return {"row": f"jaxalign stage {stage} b{batch_size}" + (" +retrieval" if retrieval else ""),
             "stage": stage, "batch": batch_size, "retrieval_k": k if retrieval else 0, "seq_len": seq_len,
             "ms_per_step": round(seconds * 1e3, 1), "samples_per_s": round(batch_size / seconds, 1),
-            "mfu": round(model_flops * batch_size / seconds / peak, 3), "loss": float(metrics["loss"]),
+            "mfu": round(model_flops * batch_size / seconds / peak, 3),
+            "mfu_peer_formula": round(peer_formula_flops_per_sample(cfg, stage, seq_len) * batch_size / seconds / peak,
+                                      3), "loss": float(metrics["loss"]),
             "device": jax.devices()[0].device_kind, "attention": _field(cfg, "attention"),
             "remat": _field(cfg, "remat")}
 

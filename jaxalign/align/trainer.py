@@ -75,8 +75,10 @@ def make_evaluator(run: Run):
     config, cfg, mesh = run.config, run.cfg, run.mesh
     options = dict(run.data_options, fraction=config.eval.fraction, fraction_seed=config.data.fraction_seed,
                    verbose=False)
-    loss_step = jax.jit(lambda p, b, m: loss_lib.make_loss_fn(cfg, m, train=False)(p, b, None)[1])
-    prefill = jax.jit(lambda p, b, m: model_lib.build_lm_inputs(p, cfg, b, m, False, "left")[0])
+    loss_step = jax.jit(sharding.trace_in_mesh(
+        lambda p, b, m: loss_lib.make_loss_fn(cfg, m, train=False)(p, b, None)[1], mesh))
+    prefill = jax.jit(sharding.trace_in_mesh(
+        lambda p, b, m: model_lib.build_lm_inputs(p, cfg, b, m, False, "left")[0], mesh))
     stop_ids = stop_token_ids(run.tokenizer, run.template)
     max_batches = config.eval.max_batches or None
 
@@ -116,7 +118,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
     The dict holds: stage, control, mode, k, fraction, steps, train_loss_first / _last, loss_history,
     seconds_per_step, compile_seconds, eval (loss, perplexity, vqa), memory (path, reused, count, key_dim),
-    data (tfds build reports and the skip reports of the training passes, with sample ids).
+    data (tfds build reports, the skip reports of the training passes with sample ids, and `train_padding`: real
+    spliced tokens against computed ones, rows x padded length, of this host's batches).
     """
     # --- logging -----------------------------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
