@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # The one place a run starts: join the launcher's processes (if any) before anything touches the devices.
+    from jaxalign import distributed
+
+    distributed.initialize_from_environment()
     return int(args.func(args) or 0)
 
 

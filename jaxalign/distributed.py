@@ -8,6 +8,11 @@ and tells it how to find the coordinator, either through the standard cluster en
   JAXALIGN_NUM_PROCESSES number of processes
   JAXALIGN_PROCESS_ID    this process's index
   JAXALIGN_DISTRIBUTED   '1' to initialise from the cluster environment when the three above are unset
+  JAXALIGN_HEARTBEAT_TIMEOUT  seconds without a heartbeat after which the others give up on a dead process
+                         (JAX's default, 100, when unset)
+
+Every `jaxalign` command calls `initialize_from_environment()` first (`jaxalign.cli.main`), so a launcher only
+sets the environment and the program joins the cluster itself.
 
 `initialize_from_environment()` does nothing when none is set, so single-host runs need no flags.
 """
@@ -21,6 +26,7 @@ _ENV_COORDINATOR = "JAXALIGN_COORDINATOR"
 _ENV_NUM_PROCESSES = "JAXALIGN_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAXALIGN_PROCESS_ID"
 _ENV_AUTO = "JAXALIGN_DISTRIBUTED"
+_ENV_HEARTBEAT = "JAXALIGN_HEARTBEAT_TIMEOUT"
 
 
 def initialize_from_environment() -> bool:
@@ -29,16 +35,19 @@ def initialize_from_environment() -> bool:
     Must run before any other JAX call touches the devices.
     """
     coordinator = os.environ.get(_ENV_COORDINATOR)
+    timeouts = {}
+    if os.environ.get(_ENV_HEARTBEAT):
+        timeouts["heartbeat_timeout_seconds"] = int(os.environ[_ENV_HEARTBEAT])
     if coordinator:
         missing = [name for name in (_ENV_NUM_PROCESSES, _ENV_PROCESS_ID) if name not in os.environ]
         if missing:
             raise RuntimeError(f"{_ENV_COORDINATOR} is set but {', '.join(missing)} is not: set all three")
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=int(os.environ[_ENV_NUM_PROCESSES]),
-                                   process_id=int(os.environ[_ENV_PROCESS_ID]))
+                                   process_id=int(os.environ[_ENV_PROCESS_ID]), **timeouts)
         return True
     if os.environ.get(_ENV_AUTO) == "1":
-        jax.distributed.initialize()  # TPU VM pods and SLURM are detected by JAX itself
+        jax.distributed.initialize(**timeouts)  # TPU VM pods and SLURM are detected by JAX itself
         return True
     return False
 
