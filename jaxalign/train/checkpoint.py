@@ -8,6 +8,16 @@ Each checkpoint directory `<workdir>/checkpoints/<step>/` holds two items:
 orbax writes into a temporary directory and renames it when complete (atomic commit), so a crash mid-save
 leaves the previous checkpoint as the latest.
 
+Integrity: orbax keeps no checksum of array data (measured with orbax 0.12.8: bytes flipped in an array file under
+`<step>/state/ocdbt.process_0/d/` restore silently as wrong numbers; a truncated or emptied array file, or a
+truncated `_METADATA`, `manifest.ocdbt` or `extra/metadata`, raises from tensorstore / json). So `save` also
+writes two 32-bit checksums per saved array into `extra['array_checksums']` (sums of the array's bits, computed on
+device, independent of sharding and reduction order) and `restore` recomputes and compares them; checkpoints
+without them (older ones) are restored unverified. `restore_latest` falls back to the newest readable checkpoint:
+each newer unreadable one is moved, not deleted, to `<directory>-unreadable/<step>` with a warning naming it (it
+must leave the directory: orbax will not save a step at or below its latest step); if none is readable it raises
+`UnreadableCheckpointError`, one line naming the directory and how to start over.
+
 Frozen pretrained towers are loaded from their source, not re-saved: with `trainable_mask` given, only the
 trainable params are written (plus the whole optimizer state, which has no entries for frozen params), and
 `restore*` takes the frozen params from the target state supplied by the caller (which must therefore hold
@@ -17,6 +27,7 @@ Restores land directly on the current mesh: the target's leaves (arrays or `jax.
 shardings, see `jaxalign.train.state.abstract_state`) say where each array goes.
 
 Public API:
+  UnreadableCheckpointError
   Checkpointer(directory, keep=3, trainable_mask=None, async_saves=True)
     .save(step, state, extra=None, force=False) -> bool
     .restore_latest(target_state) -> (state, extra) | None
@@ -25,15 +36,28 @@ Public API:
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.train.state import TrainState
 
 PyTree = Any
+log = logging.getLogger(__name__)
+_CHECKSUMS = "array_checksums"
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint could not be restored: files missing, truncated, undecodable, or failing their checksums."""
 
 
 def _key_name(key) -> str:
@@ -51,6 +75,51 @@ def _flat_named(prefix: str, tree: PyTree) -> dict[str, Any]:
 
 def _as_abstract(leaf) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+
+
+def _bits_as_uint32(leaf: jax.Array) -> jax.Array:
+    """The array's raw bits as uint32 (one element per element), so that sums are exact and order-independent."""
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    if leaf.dtype == jnp.bool_:
+        return leaf.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(leaf.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+
+
+def _checksum_pair(leaf: jax.Array) -> jax.Array:
+    """[2] uint32: the sum of the bits and a position-weighted sum (catches moved as well as changed values)."""
+    bits = _bits_as_uint32(leaf)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape) * 2 + 1
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_program(mesh: jax.sharding.Mesh | None):
+    """One jitted program per mesh (compiled once per state structure), its results replicated on the mesh."""
+    return jax.jit(lambda arrays: {name: _checksum_pair(leaf) for name, leaf in arrays.items()},
+                   out_shardings=NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
+
+
+def array_checksums(flat: dict[str, jax.Array]) -> dict[str, list[int]]:
+    """{name: [two uint32 checksums]} of every array, computed on device in one jitted pass (no host copy)."""
+    mesh = next((leaf.sharding.mesh for leaf in flat.values() if isinstance(getattr(leaf, "sharding", None),
+                                                                            NamedSharding)), None)
+    sums = _checksum_program(mesh)(flat)
+    # Replicated results: each process reads its own copy, which works across processes too.
+    return {name: [int(v) for v in np.asarray(value.addressable_data(0))] for name, value in sums.items()}
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _all_processes(ok: bool) -> bool:
+    """True only if `ok` on every process (a restore that failed on one host failed for all)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
@@ -99,28 +168,45 @@ class Checkpointer:
     # -- public ------------------------------------------------------------------------------------------------
     def save(self, step: int, state: TrainState, extra: dict | None = None, force: bool = False) -> bool:
         """Starts saving `state` as checkpoint `step` (asynchronously by default); returns whether it saves."""
+        flat = self._flatten(state)
+        extra = {**(extra or {}), _CHECKSUMS: array_checksums(flat)}
         return self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(self._flatten(state)), extra=ocp.args.JsonSave(dict(extra or {}))),
-            force=force)
+            state=ocp.args.StandardSave(flat), extra=ocp.args.JsonSave(extra)), force=force)
 
     def restore(self, step: int, target_state: TrainState) -> tuple[TrainState, dict]:
         """Restores checkpoint `step` with the structure, dtypes and shardings of `target_state`.
 
         Frozen params (when `trainable_mask` is set) are taken from `target_state`, which must hold arrays there.
+
+        Raises:
+          UnreadableCheckpointError: an array does not match the checksum written with it.
+          Exception: whatever orbax / tensorstore raise for missing, truncated or undecodable files.
         """
+        self._check_target(target_state)
         target_flat = self._flatten(target_state)
+        abstract = {name: _as_abstract(leaf) for name, leaf in target_flat.items()}
+        restored = self._manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+        flat, extra = dict(restored["state"]), dict(restored["extra"] or {})
+        expected = extra.pop(_CHECKSUMS, None)
+        if expected is not None:
+            actual = array_checksums(flat)
+            bad = sorted(name for name in actual if expected.get(name) != actual[name])
+            if bad:
+                raise UnreadableCheckpointError(
+                    f"checkpoint {self.directory}/{step}: {len(bad)} array(s) do not match the checksums saved "
+                    f"with them (first: {bad[0]}); the files were changed after saving")
+        return self._unflatten(flat, target_state), extra
+
+    def _check_target(self, target_state: TrainState) -> None:
         if self.trainable_mask is not None:
             _, frozen_leaves = self._frozen_leaves(target_state.params)
             abstract_frozen = [leaf for leaf in frozen_leaves if not isinstance(leaf, jax.Array)]
             if abstract_frozen:
                 raise ValueError(
-                    f"checkpoint {self.directory}/{step} holds only trainable params; the restore target must "
+                    f"checkpoints in {self.directory} hold only trainable params; the restore target must "
                     f"hold real arrays for the {len(abstract_frozen)} frozen params (load the pretrained towers "
                     "into the target state before restoring)")
-        abstract = {name: _as_abstract(leaf) for name, leaf in target_flat.items()}
-        restored = self._manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-        return self._unflatten(dict(restored["state"]), target_state), dict(restored["extra"] or {})
 
     def _frozen_leaves(self, params: PyTree) -> tuple[list[str], list[Any]]:
         mask_leaves = jax.tree.leaves(self.trainable_mask)
@@ -129,9 +215,52 @@ class Checkpointer:
         return [name for name, _ in frozen], [leaf for _, leaf in frozen]
 
     def restore_latest(self, target_state: TrainState) -> tuple[TrainState, dict] | None:
-        """The latest checkpoint restored like `restore`, or None if there is none yet."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, target_state)
+        """The newest readable checkpoint restored like `restore`, or None if there is none yet.
+
+        Newer checkpoints that fail to restore are moved to `<directory>-unreadable/<step>` with a warning.
+
+        Raises:
+          UnreadableCheckpointError: there are checkpoints but none can be restored.
+        """
+        self._check_target(target_state)
+        steps = sorted(self.all_steps(), reverse=True)
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored, error = self.restore(step, target_state), None
+            except Exception as caught:  # orbax and tensorstore raise bare Exception, ValueError, JSON errors...
+                restored, error = None, caught
+            if not _all_processes(error is None):
+                failures.append((step, _one_line(error) if error is not None else "failed on another process"))
+                log.warning("checkpoint step %d in %s/%d is unreadable (%s)", step, self.directory, step,
+                            failures[-1][1])
+                continue
+            for bad_step, reason in failures:
+                moved_to = self._move_aside(bad_step)
+                log.warning("checkpoint step %d could not be restored (%s); moved it to %s (not deleted) and "
+                            "resumed from step %d instead", bad_step, reason, moved_to, step)
+            return restored
+        if not steps:
+            return None
+        raise UnreadableCheckpointError(
+            f"no readable checkpoint in {self.directory}: steps {steps} all failed to restore (newest, step "
+            f"{failures[0][0]}: {failures[0][1]}); to start over, move that directory aside (e.g. mv "
+            f"{self.directory} {self.directory}.bad) and rerun, or put back a good copy of one step")
+
+    def _move_aside(self, step: int) -> str:
+        """Moves checkpoint `step` out of the managed directory (process 0; the others wait) and returns where."""
+        destination = os.path.join(f"{self.directory}-unreadable", str(step))
+        if jax.process_index() == 0:
+            suffix = 1
+            while os.path.exists(destination):
+                destination = os.path.join(f"{self.directory}-unreadable", f"{step}.{suffix}")
+                suffix += 1
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxalign checkpoint moved aside {step}")
+        self._manager.reload()
+        return destination
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

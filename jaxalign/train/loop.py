@@ -11,14 +11,30 @@ The loop owns everything that is the same for all of them:
   * metrics go to `<workdir>/metrics.jsonl` and TensorBoard; a progress bar shows loss, examples/s and ETA;
   * a NaN or infinite loss raises `NonFiniteLossError` naming the step; the bad state is not saved, so the
     last checkpoint written stays the latest good one;
-  * checkpoints every `checkpoint_every` steps and at the end (async, keep-last-N).
+  * checkpoints every `checkpoint_every` steps and at the end (async, keep-last-N);
+  * preemption: SIGTERM (a scheduler's preemption notice) to any process ends the run after the current step:
+    every process saves a checkpoint at the same step N, logs "preempted at step N, checkpoint saved in ..." and
+    `train` raises `TrainingPreempted`, a `SystemExit` with code 143 (`PREEMPTED_EXIT_CODE`, 128 + SIGTERM, the
+    status schedulers expect from a process ended by SIGTERM; non-zero so that a preempted run is never taken
+    for a finished one), so the command exits without a traceback and rerunning it resumes. Processes agree on
+    N through JAX's preemption sync manager (`multihost_utils.reached_preemption_sync_point`: the coordination
+    service's own SIGTERM notifier plus a background protocol that picks the step after the furthest one any
+    process reached; a local check per step, no collective). A single process (no `jax.distributed`) uses its
+    own SIGTERM handler and stops after the step it is in. Only when the preemption service is disabled
+    (`jax_enable_preemption_service=False`) do processes agree by all-gathering their flag, every step;
+  * a corrupt latest checkpoint is skipped on resume (see `Checkpointer.restore_latest`).
 
 Step numbering: "step n" is the state after n updates (`state.step == n`); metrics and checkpoints of step n
 describe that state.
 
+A process that dies (kill -9, lost host) is detected by the JAX coordination service: after
+`JAXALIGN_HEARTBEAT_TIMEOUT` seconds without its heartbeat the others are terminated by the runtime instead of
+waiting in a collective forever (see tests/test_train_faults.py for what a survivor prints).
+
 Public API:
   train(*, state, train_step, batch_iterator_factory, total_steps, workdir, ...) -> TrainResult(state, history)
   NonFiniteLossError(step, metrics)
+  TrainingPreempted(step, directory);  PREEMPTED_EXIT_CODE = 143
 """
 from __future__ import annotations
 
@@ -26,9 +42,13 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxalign.configs.base import save_resolved_config
 from jaxalign.train.checkpoint import Checkpointer
@@ -38,6 +58,7 @@ from jaxalign.train.state import TrainState
 
 PyTree = Any
 log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,6 +73,51 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"non-finite loss {metrics.get('loss')} at step {step} (metrics {metrics}); training "
                          f"stopped and the bad state was not saved; {kept}. Lower the learning rate, check the "
                          "batch of that step, or resume from the checkpoint.")
+
+
+class TrainingPreempted(SystemExit):
+    """SIGTERM arrived: a checkpoint of `step` was saved by every process; exits with `PREEMPTED_EXIT_CODE`."""
+
+    def __init__(self, step: int, directory: str):
+        self.step = step
+        self.directory = directory
+        self.message = (f"preempted at step {step}, checkpoint saved in {directory}/{step}; rerun the same command "
+                        "to resume")
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _PreemptionNotice:
+    """Whether a preemption notice (SIGTERM to any process) has reached every process at a given step.
+
+    `reached(step)` must be called at every step, by every process, with the same step numbers.
+    """
+
+    def __init__(self):
+        self._received = False
+        self._previous_handler = None
+        self._use_jax_sync = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        # With jax.distributed the runtime installs its own SIGTERM notifier; a Python handler would replace it.
+        if not self._use_jax_sync and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM received: stopping after the current step and saving a checkpoint")
+        self._received = True
+
+    def reached(self, step: int) -> bool:
+        if self._use_jax_sync:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() > 1:
+            return bool(np.any(multihost_utils.process_allgather(np.asarray(self._received))))
+        return self._received
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
 
 
 @dataclasses.dataclass
@@ -89,6 +155,8 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite.
+      TrainingPreempted: SIGTERM arrived; a checkpoint of the step reached was saved (exit code 143).
+      UnreadableCheckpointError: checkpoints exist but none can be restored.
     """
     # --- run directory and config ------------------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
@@ -117,7 +185,14 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
         writer.write(step, results)
         history.append({"step": step, **results})
 
+    def save_checkpoint(step: int, force: bool = False) -> None:
+        extra = {"step": step, "next_batch_index": step}
+        if config is not None:
+            extra["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        checkpointer.save(step, state, extra=_json_safe(extra), force=force)
+
     # --- loop --------------------------------------------------------------------------------------------------
+    preemption = _PreemptionNotice()
     try:
         for step in range(start_step + 1, total_steps + 1):
             try:
@@ -142,15 +217,20 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
             if eval_fn is not None and eval_every and step % eval_every == 0 and step != total_steps:
                 eval_and_log(step)
             if step % checkpoint_every == 0 or step == total_steps:
-                extra = {"step": step, "next_batch_index": step}
-                if config is not None:
-                    extra["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-                checkpointer.save(step, state, extra=_json_safe(extra))
+                save_checkpoint(step)
+            if preemption.reached(step) and step != total_steps:
+                if step % checkpoint_every != 0:
+                    save_checkpoint(step, force=True)
+                checkpointer.wait()
+                preempted = TrainingPreempted(step, checkpoint_dir)
+                log.warning("%s", preempted.message)
+                raise preempted
 
         # --- final evaluation ----------------------------------------------------------------------------------
         if eval_fn is not None and int(state.step) == total_steps:
             eval_and_log(total_steps)
     finally:
+        preemption.close()
         bar.close()
         writer.close()
         checkpointer.close()
