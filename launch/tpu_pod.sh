@@ -10,7 +10,8 @@ set -euo pipefail
 if [ $# -lt 4 ]; then sed -n '2,9p' "$0"; exit 2; fi
 tpu=$1; zone=$2; shift 2
 extra=()
-while [ "$1" != "--" ]; do extra+=("$1"); shift; done
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do extra+=("$1"); shift; done
+if [ $# -lt 2 ]; then echo "tpu_pod.sh: put -- before the command to run" >&2; sed -n '2,9p' "$0"; exit 2; fi
 shift
 printf -v remote '%q ' "$@"
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" "${extra[@]}" --worker=all \

@@ -5,7 +5,9 @@
         --config.model.init_from=runs/s1 --config.train.batch_size=64
     jaxalign eval --config jaxalign/configs/tinyalign_tiny.py:stage=2 --workdir /tmp/tiny/stage2
 
-Both print a JSON summary on stdout (the full results are in <workdir>/results.json after training).
+Both print a JSON summary on stdout (the full results are in <workdir>/results.json after training), with
+`process_count` and `device_count`: where the run ran. Under a launcher (`launch/local.sh 2 4 jaxalign train
+...`) every process runs the command and prints the same summary; process 0 alone writes the files.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def _summary(results: dict) -> dict:
     return {key: value for key, value in {
         "workdir": results.get("workdir"), "stage": results.get("stage"), "control": results.get("control"),
         "mode": results.get("mode"), "steps": results.get("steps"),
+        "process_count": results.get("process_count"), "device_count": results.get("device_count"),
         "train_loss_first": results.get("train_loss_first"), "train_loss_last": results.get("train_loss_last"),
         "seconds_per_step": results.get("seconds_per_step"), "eval_loss": evaluation.get("loss"),
         "eval_perplexity": evaluation.get("perplexity"), "vqa_accuracy": vqa.get("accuracy"),

@@ -76,9 +76,16 @@ def data_sources(config: ConfigDict) -> dict[str, Any]:
     config.data.memory_config / memory_json names another), 'build_reports' (name -> SkipReport JSON)}.
 
     The tfds builds run here on first use; tfds announces them on stdout, which is moved to stderr so that the
-    commands' stdout stays one JSON summary."""
+    commands' stdout stays one JSON summary. With several processes, process 0 opens (and if need be builds)
+    them first and the others wait for it, so that no two processes build one data set into one folder."""
     with contextlib.redirect_stdout(sys.stderr):
-        return _open_sources(config.data)
+        if jax.process_count() == 1:
+            return _open_sources(config.data)
+        from jax.experimental import multihost_utils
+
+        sources = _open_sources(config.data) if jax.process_index() == 0 else None
+        multihost_utils.sync_global_devices("jaxalign: data sources built")
+        return sources if sources is not None else _open_sources(config.data)
 
 
 def _open_sources(data: ConfigDict) -> dict[str, Any]:
@@ -157,9 +164,28 @@ def load_tokenizer(config: ConfigDict, workdir: str, sources: dict) -> Tokenizer
     specials = ("<pad>", "<unk>", "<s>", "</s>") + tuple(dict.fromkeys(
         token for template in chat_templates.TEMPLATES.values() for token in template.required_tokens))
     tokenizer = train_word_level_tokenizer(tokenizer_corpus(config, sources), special_tokens=specials)
+    # Every process trains the same tokenizer from the same corpus, in memory; process 0 alone saves it. The
+    # barrier keeps process 0 from writing the folder while a slower process still looks for it above (it would
+    # find a half-written one), and the fingerprint check catches processes that trained different vocabularies.
+    if jax.process_count() > 1:
+        _check_same_on_every_process(tokenizer.backend.to_str(), "the word-level tokenizer")
     if jax.process_index() == 0:
         tokenizer.save_folder(os.path.join(workdir, "tokenizer"))
     return tokenizer
+
+
+def _check_same_on_every_process(text: str, what: str) -> None:
+    """Raises unless every process holds the same `text` (compares SHA-256 digests; a barrier of all processes)."""
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode("utf-8")).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    differing = [index for index, row in enumerate(digests) if not np.array_equal(row, digest)]
+    if differing:
+        raise RuntimeError(f"{what} of process {jax.process_index()} differs from that of process(es) {differing}: "
+                           "they must be built from the same data (check that every host reads the same files)")
 
 
 # ================================================================================================ model

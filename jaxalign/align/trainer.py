@@ -21,8 +21,12 @@ The setup helpers live in `jaxalign.align.setup` and are re-exported here under 
 load_tokenizer, load_towers, model_config, freeze_rules, tokenizer_corpus, read_checkpoint_params,
 overwrite_params, stop_token_ids, STAGE_TRAINABLE).
 
-Known limit: with several processes, VQA accuracy is tallied per host (each host scores its own slice); the loss
-and perplexity are global.
+Several processes (`launch/`) run one program: the rows of every training and evaluation batch depend on the
+mesh, not on how many processes share it (`data_shards`: 2 processes x 4 devices see the rows 1 process x 8
+devices sees; `tests/test_launch_tinyalign.py`), the loss, perplexity and VQA counts are global (every process
+reports the same numbers), and process 0 alone writes files other than checkpoints (which orbax writes with all
+processes) and the memory bank (gathered by all, written by process 0). `config.train.batch_size` and
+`config.eval.batch_size` are global.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ from jaxalign.align.setup import (  # noqa: F401  (re-exported: the trainer's pu
     overwrite_params, perceiver_config, read_checkpoint_params, stop_token_ids, tokenizer_corpus, trainable_parts)
 from jaxalign.data import pipeline
 from jaxalign.data.batching import SkipReport
-from jaxalign.data.length_buckets import PaddingStats
+from jaxalign.data.chat_templates import IGNORE_LABEL
+from jaxalign.data.length_buckets import PaddingStats, max_over_processes
 from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
 from jaxalign.train import loop, optimizer as opt_lib
@@ -69,6 +74,71 @@ def _host_rows(array: jax.Array, mesh) -> np.ndarray:
         array, mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
 
 
+# ================================================================================================ input order
+def data_shards(mesh, global_batch_size: int) -> tuple[int, range]:
+    """(number of data shards, the shards this process reads) for a global batch of `global_batch_size` rows.
+
+    The rows of a step are one part per data shard, in shard order; shard s reads the pipeline's host slice s of
+    the shard count (its own slice, order and bad-sample replacement). The shards are the mesh's batch shards
+    (data x fsdp), so the rows of every step depend on the mesh alone, not on how many processes share it:
+    2 processes x 4 devices train on the same rows as 1 process x 8 devices, and each row is read by one process
+    only. When the processes or the batch do not divide the batch shards, each process is one shard.
+    """
+    count, processes = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    if count % processes or global_batch_size % count:
+        count = processes
+    per_process = count // processes
+    return count, range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def _pad_length(batch: dict, length: int, pad_id: int) -> dict:
+    """A right-padded training batch padded on to `length` positions (labels ignored, attention off there)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra == 0:
+        return batch
+    fills = {"input_ids": pad_id, "labels": IGNORE_LABEL, "attention_mask": 0}
+    return {**batch, **{name: np.pad(batch[name], ((0, 0), (0, extra)), constant_values=fill)
+                        for name, fill in fills.items()}}
+
+
+class ShardTrainBatches:
+    """This process's rows of every training step: the batches of its data shards (`data_shards`), concatenated.
+
+    With length buckets each shard picks its own bucket; the parts are padded to the largest bucket of any shard
+    of any process (one all-gather of one integer per step with several processes), so every step has one
+    length. `shards` are the shards' `pipeline.TrainBatches` (their reports and padding statistics; the latter
+    count each shard's own bucket, before that agreement)."""
+
+    def __init__(self, shards: list[pipeline.TrainBatches], pad_id: int):
+        self.shards, self.pad_id = shards, pad_id
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(shard) for shard in self.shards]
+        length = max(part["input_ids"].shape[1] for part in parts)
+        if self.shards[0].length_buckets and jax.process_count() > 1:
+            length = max_over_processes(length)
+        parts = [_pad_length(part, length, self.pad_id) for part in parts]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+class ShardEvalBatches:
+    """This process's rows of every evaluation batch: the batches of its data shards, concatenated; at most
+    `max_batches` per pass (None: all)."""
+
+    def __init__(self, shards: list[pipeline.EvalBatches], max_batches: int | None):
+        self.shards, self.max_batches = shards, max_batches
+
+    def __len__(self) -> int:
+        return min(len(self.shards[0]), self.max_batches or len(self.shards[0]))
+
+    def __iter__(self):
+        for _, parts in zip(range(len(self)), zip(*self.shards)):
+            yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def make_evaluator(run: Run):
     """`evaluate(params, progress) -> results`: eval loss / perplexity and, when the config asks, VQA accuracy
     per question type. The jitted functions are made once, so periodic evaluations compile nothing new."""
@@ -81,15 +151,23 @@ def make_evaluator(run: Run):
         lambda p, b, m: model_lib.build_lm_inputs(p, cfg, b, m, False, "left")[0], mesh))
     stop_ids = stop_token_ids(run.tokenizer, run.template)
     max_batches = config.eval.max_batches or None
+    # config.eval.batch_size is global, like config.train.batch_size: one part per data shard.
+    shard_count, own_shards = data_shards(mesh, config.eval.batch_size)
+    if config.eval.batch_size % shard_count:
+        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must divide over {shard_count} "
+                         f"data shards ({jax.process_count()} processes)")
+
+    def eval_batches(for_generation: bool) -> ShardEvalBatches:
+        return ShardEvalBatches([pipeline.make_eval_dataset(
+            run.sources["eval"], batch_size=config.eval.batch_size // shard_count, for_generation=for_generation,
+            process_index=shard, process_count=shard_count, **options) for shard in own_shards], max_batches)
 
     def evaluate(params: dict, progress: bool | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         show = progress is not False
         if config.eval.loss:
-            batches = pipeline.make_eval_dataset(run.sources["eval"], batch_size=config.eval.batch_size, **options)
-            results.update(lm_loss.evaluate_loss(lambda b: loss_step(params, b, run.memory), batches,
-                                                 to_device=lambda b: _device_batch(b, mesh),
-                                                 max_batches=max_batches, progress=show))
+            results.update(lm_loss.evaluate_loss(lambda b: loss_step(params, b, run.memory), eval_batches(False),
+                                                 to_device=lambda b: _device_batch(b, mesh), progress=show))
         if config.eval.vqa:
             def generate_fn(batch):
                 spliced = prefill(params, _device_batch(batch, mesh), run.memory)
@@ -99,11 +177,8 @@ def make_evaluator(run: Run):
                                         pad_id=run.tokenizer.pad_id)
                 return _host_rows(out.tokens, mesh)
 
-            batches = pipeline.make_eval_dataset(run.sources["eval"], batch_size=config.eval.batch_size,
-                                                 for_generation=True, **options)
-            accuracy, examples = vqa.evaluate_vqa(
-                generate_fn, batches, run.tokenizer,
-                max_examples=max_batches * config.eval.batch_size if max_batches else None, progress=show)
+            # Each process scores its own rows; the counts are summed over processes (`evaluate_vqa`).
+            accuracy, examples = vqa.evaluate_vqa(generate_fn, eval_batches(True), run.tokenizer, progress=show)
             results["vqa"] = accuracy
             results["vqa_accuracy"] = accuracy["accuracy"]
             results["vqa_examples"] = examples
@@ -116,7 +191,8 @@ def make_evaluator(run: Run):
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) one TinyAlign stage and evaluates it; returns the results dict (see module docstring).
 
-    The dict holds: stage, control, mode, k, fraction, steps, train_loss_first / _last, loss_history,
+    The dict holds: stage, control, mode, k, fraction, steps, process_count and device_count (where the run ran),
+    train_loss_first / _last, loss_history,
     seconds_per_step, compile_seconds, eval (loss, perplexity, vqa), memory (path, reused, count, key_dim),
     data (tfds build reports, the skip reports of the training passes with sample ids, and `train_padding`: real
     spliced tokens against computed ones, rows x padded length, of this host's batches).
@@ -165,14 +241,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
     # --- input iterator, resumable at any step ------------------------------------------------------------------
     iterators: list[pipeline.TrainBatches] = []
+    shard_count, own_shards = data_shards(mesh, global_batch_size)
 
     def batch_iterator_factory(start_step: int):
-        iterator = pipeline.make_vqa_dataset(
-            run.sources["train"], batch_size=global_batch_size // jax.process_count(), seed=config.seed,
+        # ShardTrainBatches agrees on the step's length bucket over all shards, so each shard keeps its own.
+        shards = [pipeline.make_vqa_dataset(
+            run.sources["train"], batch_size=global_batch_size // shard_count, seed=config.seed,
             fraction=config.data.fraction, fraction_seed=config.data.fraction_seed, start_step=start_step,
-            **run.data_options)
-        iterators.append(iterator)
-        return (_device_batch(batch, mesh) for batch in iterator)
+            process_index=shard, process_count=shard_count, agree_length=lambda length: length,
+            **run.data_options) for shard in own_shards]
+        iterators.extend(shards)
+        return (_device_batch(batch, mesh) for batch in ShardTrainBatches(shards, run.tokenizer.pad_id))
 
     # --- training loop ------------------------------------------------------------------------------------------
     evaluate = make_evaluator(run)
@@ -194,10 +273,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     for iterator in iterators:
         for report in iterator.reports + [iterator.report]:
             skipped = skipped.merge(report)
-        padding = padding.merge(iterator.padding)  # this host's batches: real spliced tokens / rows x padded length
+        padding = padding.merge(iterator.padding)  # this host's shards: real spliced tokens / rows x padded length
     results = {
         "workdir": workdir, "stage": config.stage, "control": cfg.control.kind, "mode": cfg.query.mode,
         "k": cfg.k, "fraction": config.data.fraction, "steps": int(result.state.step), "total_steps": total_steps,
+        "process_count": jax.process_count(), "device_count": jax.device_count(),
         "trainable": list(trainable), "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "loss_history": [(r["step"], r["loss"]) for r in result.history if "loss" in r],
@@ -220,4 +300,5 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str) -> dict[str, Any]:
     params, replaced = overwrite_params(run.params, read_checkpoint_params(workdir), workdir)
     params = sharding.shard_params(params, run.param_axes, run.mesh)
     evaluation = make_evaluator(run)(params, progress=config.progress)
-    return {"workdir": workdir, "restored_params": len(replaced), "eval": evaluation, "memory": run.memory_info}
+    return {"workdir": workdir, "restored_params": len(replaced), "process_count": jax.process_count(),
+            "device_count": jax.device_count(), "eval": evaluation, "memory": run.memory_info}

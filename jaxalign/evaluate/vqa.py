@@ -10,12 +10,14 @@ module decodes and scores, so it also serves any other VLM.
 Public API:
   normalize_answer(text) -> str
   first_answer(text) -> str                      (the generated text up to its first line break)
-  VqaTally: .add(predictions, references, question_types) ; .result() -> table-ready dict
+  VqaTally: .add(predictions, references, question_types) ; .result() -> table-ready dict ;
+      .sum_over_processes() -> the tally of every JAX process's rows
   evaluate_vqa(generate_fn, batches, tokenizer, max_examples=None, progress=True) -> (result, examples)
 """
 from __future__ import annotations
 
 import collections
+import json
 import re
 from typing import Any, Callable, Iterable, Sequence
 
@@ -98,6 +100,26 @@ class VqaTally:
         return {"accuracy": correct / count if count else 0.0, "correct": correct, "count": count,
                 "per_type": per_type}
 
+    def sum_over_processes(self) -> "VqaTally":
+        """The tally of every JAX process's questions together (each process scored its own rows); the same on
+        every process. Every process must call it at the same point; with one process it is this tally."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self
+        from jax.experimental import multihost_utils
+
+        # Question types may differ between processes, so the counts travel as JSON text in a padded byte array.
+        payload = np.frombuffer(json.dumps([self.correct, self.total]).encode("utf-8"), np.uint8)
+        size = int(np.max(multihost_utils.process_allgather(np.asarray([payload.size], np.int32))))
+        gathered = np.asarray(multihost_utils.process_allgather(np.pad(payload, (0, size - payload.size))))
+        merged = VqaTally()
+        for row in gathered:
+            correct, total = json.loads(row.tobytes().rstrip(b"\0").decode("utf-8"))
+            merged.correct.update(correct)
+            merged.total.update(total)
+        return merged
+
 
 def evaluate_vqa(generate_fn: Callable[[dict], np.ndarray], batches: Iterable[dict], tokenizer: Any,
                  max_examples: int | None = None, progress: bool = True, keep_examples: int = 20
@@ -109,10 +131,12 @@ def evaluate_vqa(generate_fn: Callable[[dict], np.ndarray], batches: Iterable[di
       batches: `jaxalign.data.pipeline.make_eval_dataset(for_generation=True)` batches: the model inputs plus
         'valid' [B], 'answer' [B] and 'question_type' [B] (strings).
       tokenizer: decodes the generated ids (special tokens skipped).
-      max_examples: stop after this many valid questions (None: all).
+      max_examples: stop after this many valid questions (None: all); with several processes, of this process's
+        rows (cap the batches instead to score the same questions on any number of processes).
       keep_examples: how many (question type, reference, prediction) examples to return for inspection.
     Returns:
-      (`VqaTally.result()`, examples).
+      (`VqaTally.result()` summed over all JAX processes, the same on each; this process's examples).
+      Every process must call it with the same number of batches.
     """
     tally, examples = VqaTally(), []
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -132,4 +156,4 @@ def evaluate_vqa(generate_fn: Callable[[dict], np.ndarray], batches: Iterable[di
                                  "correct": hit})
         if max_examples is not None and sum(tally.total.values()) >= max_examples:
             break
-    return tally.result(), examples
+    return tally.sum_over_processes().result(), examples
