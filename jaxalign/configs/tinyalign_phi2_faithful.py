@@ -34,8 +34,9 @@ def get_config(arg: str | None = None):
     c.model.retrieval_connector = "rag2x_gelu"
     c.model.identity_retrieval_init = False
     c.model.max_length = 3072
-    # Not estimated for Phi-2 (2.7B) at 3072 tokens; its LM is 5x Qwen2-0.5B's, so its layers recompute
-    # everything in the backward pass in both stages (the Qwen2 recipe needs that at stage-2 micro-batch 16).
+    # Not estimated for Phi-2 (2.7B) at 3072 tokens; its LM is 5x Qwen2-0.5B's at 1.5x the length, so its
+    # layers recompute everything in the backward pass in both stages (the Qwen2 recipe's stage 2 already needs
+    # 'save_dots' at micro-batch 16).
     c.model.attention = "auto"
     c.model.remat = "nothing"
 

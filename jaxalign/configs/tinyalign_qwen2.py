@@ -35,13 +35,13 @@ def get_config(arg: str | None = None):
     c.model.identity_retrieval_init = True
     c.model.max_length = 2048
     c.model.loss_chunk_size = 16384   # Qwen2 vocabulary 151,936: 10 chunks
-    # Memory per device (`bench/train_step.py --estimate`, 8 devices, 2048 tokens, bench/RESULTS.md): attention
-    # never keeps T x T probabilities ('auto': cuDNN flash on GPU, splash on TPU, chunked elsewhere). Stage 1
-    # (micro-batch 8) peaks at 54 GiB without remat, so it recomputes nothing; stage 2 at micro-batch 4 would
-    # peak at 46 GiB without remat but 134 GiB at micro-batch 16, so its LM layers recompute everything in the
-    # backward pass ('nothing': 16 GiB at 4, about 15% more FLOPs than no remat).
+    # Memory per device (`bench/train_step.py --estimate --explore`, 8 devices, 2048 tokens, bench/RESULTS.md):
+    # attention never keeps T x T probabilities ('auto': cuDNN flash on GPU, splash on TPU, chunked elsewhere).
+    # Stage 1 (micro-batch 8) peaks at 54 GiB without remat, so it recomputes nothing. Stage 2 would peak at
+    # 134 GiB at micro-batch 16 without remat; keeping only the weight products ('save_dots') gives 25 GiB at
+    # micro-batch 4 and 59 GiB at 16, for 4% more FLOPs ('nothing': 16 / 23 GiB, 16% more FLOPs).
     c.model.attention = "auto"
-    c.model.remat = "none" if arg.stage == 1 else "nothing"
+    c.model.remat = "none" if arg.stage == 1 else "save_dots"
     c.model.vision_remat = "none"  # the tower is frozen under stop-gradient: nothing of it is kept for backward
 
     c.retrieval.control = arg.retrieval
