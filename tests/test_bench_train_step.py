@@ -27,7 +27,7 @@ def test_estimate_prints_one_recipe_row_per_stage_and_a_micro_batch_16_row():
                 "model_flops_per_sample"} <= set(row)
         assert row["devices"] == 8  # the script makes its own fake devices, whatever XLA_FLAGS said
         # The compiled step does at least the model's products (2NT + 4 N_trainable T) and not wildly more.
-        assert 1.0 <= row["flops_per_sample"] / row["model_flops_per_sample"] < 3.0
+        assert row["model_flops_per_sample"] <= row["flops_per_sample"] < 3 * row["model_flops_per_sample"]
     recipe, big = rows
     # Four times the micro-batch: the same work per sample, more activation memory per device.
     assert abs(big["flops_per_sample"] / recipe["flops_per_sample"] - 1.0) < 0.01

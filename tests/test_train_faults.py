@@ -219,12 +219,13 @@ def test_sigterm_to_both_processes_stops_them_at_one_step_with_a_checkpoint_to_r
         assert resumed["history"] == resumed["straight"]["history"][stops[0]:]
 
 
-def test_a_killed_process_ends_the_other_within_a_minute(tmp_path):
+def test_a_killed_process_ends_the_other_through_the_heartbeat_timeout(tmp_path):
     code, seconds, logs, summaries = launch_two_processes(tmp_path / "killed", tmp_path / "run", 1000,
                                                           "--sigkill-process", 1, "--at-step", 3,
                                                           heartbeat_timeout=10, timeout=150)
-    killed_at = summaries[1][-1]["time"]
-    assert code != 0 and time.time() - killed_at < 60
+    # Ended at all (the launch is bounded by `timeout`, so a hang fails the test), and not by success.
+    assert code != 0
+    assert summaries[1], "process 1 never reached the step at which it kills itself"
     # The survivor (process 0, which also hosts the coordination service) is aborted by the JAX runtime.
     assert "stopped sending heartbeats" in logs[0]
     assert "Terminating process because the JAX distributed service detected fatal errors" in logs[0]

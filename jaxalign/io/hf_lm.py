@@ -217,16 +217,21 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig, source
         if spec is not None:
             per_layer = [take(f"model.layers.{i}.{name}", path, spec.shape[1:]) for i in range(cfg.num_layers)]
             _set(params, ("layers", *path), np.stack(per_layer))
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight; old ones carry rotary tables.
+    _check_all_used(tensors, used, cfg, source or "checkpoint")
+    return jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
+
+
+def _check_all_used(names, used: set, cfg: DecoderConfig, source: str) -> None:
+    """Tensors nobody read mean the config and the checkpoint disagree; never drop them silently. A tied
+    checkpoint may still carry a copy of the embedding as lm_head.weight; old ones carry rotary tables."""
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(name for name in tensors
+    unexpected = sorted(name for name in names
                         if name not in used and name not in ignorable and not name.endswith("inv_freq"))
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
-        raise CheckpointFormatError(f"{source or 'checkpoint'}: tensors {shown} ({len(unexpected)} in all) have no "
-                                    f"place in a {cfg.family}-family model with this config.json; check model_type "
-                                    "and the bias / tying settings")
-    return jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
+        raise CheckpointFormatError(f"{source}: tensors {shown} ({len(unexpected)} in all) have no place in a "
+                                    f"{cfg.family}-family model with this config.json; check model_type and the "
+                                    "bias / tying settings")
 
 
 def params_to_hf(params: dict, cfg: DecoderConfig) -> dict[str, np.ndarray]:
@@ -290,14 +295,7 @@ def param_recipes(reader: hf_folder.SnapshotReader, cfg: DecoderConfig) -> dict:
         if spec is not None:
             names = [f"model.layers.{i}.{name}" for i in range(cfg.num_layers)]
             _set(recipes, ("layers", *path), recipe(names, path, spec.shape, stacked=True))
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(name for name in reader
-                        if name not in used and name not in ignorable and not name.endswith("inv_freq"))
-    if unexpected:
-        shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
-        raise CheckpointFormatError(f"{reader.source}: tensors {shown} ({len(unexpected)} in all) have no place in "
-                                    f"a {cfg.family}-family model with this config.json; check model_type and the "
-                                    "bias / tying settings")
+    _check_all_used(reader, used, cfg, reader.source)
     return recipes
 
 

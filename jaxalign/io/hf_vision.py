@@ -226,15 +226,19 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, source:
         projection = convert(PROJECTION_NAME, "linear", (cfg.hidden_size, cfg.projection_dim))
         _set(params, ("projection", "kernel"), projection)
 
-    # Tower tensors nobody read mean the config and the checkpoint disagree; never drop them silently.
-    # position_ids are non-persistent buffers that some older checkpoints still carry.
-    unused = sorted(name for name in tensors if name not in used and not name.endswith("position_ids")
+    _check_all_used(tensors, used, prefix, cfg, source or "checkpoint")
+    return params
+
+
+def _check_all_used(names, used: set, prefix: str, cfg: VisionConfig, source: str) -> None:
+    """Tower tensors nobody read mean the config and the checkpoint disagree; never drop them silently.
+    position_ids are non-persistent buffers that some older checkpoints still carry."""
+    unused = sorted(name for name in names if name not in used and not name.endswith("position_ids")
                     and name.startswith(tuple(prefix + root for root in _TOWER_ROOTS)))
     if unused:
         raise CheckpointFormatError(
-            f"{source or 'checkpoint'}: {len(unused)} vision tensor(s) do not fit the config "
+            f"{source}: {len(unused)} vision tensor(s) do not fit the config "
             f"(variant={cfg.variant}, use_head={cfg.use_head}, layers={cfg.num_layers}): {unused[:8]}")
-    return params
 
 
 def params_to_hf(params: dict, cfg: VisionConfig) -> dict[str, np.ndarray]:
@@ -308,12 +312,7 @@ def param_recipes(reader: hf_folder.SnapshotReader, cfg: VisionConfig, prefix: s
     if cfg.projection_dim is not None:
         _set(recipes, ("projection", "kernel"), recipe([PROJECTION_NAME], "linear",
                                                        (cfg.hidden_size, cfg.projection_dim)))
-    unused = sorted(name for name in reader if name not in used and not name.endswith("position_ids")
-                    and name.startswith(tuple(prefix + root for root in _TOWER_ROOTS)))
-    if unused:
-        raise CheckpointFormatError(
-            f"{source}: {len(unused)} vision tensor(s) do not fit the config "
-            f"(variant={cfg.variant}, use_head={cfg.use_head}, layers={cfg.num_layers}): {unused[:8]}")
+    _check_all_used(reader, used, prefix, cfg, source)
     return recipes
 
 
