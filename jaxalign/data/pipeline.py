@@ -195,23 +195,31 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         self.position = 0
         self._order = self._epoch_order(self.epoch)
 
-    def _take_samples(self) -> list[Sample]:
-        samples: list[Sample] = []
-        while len(samples) < self.batch_size:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                raise StopIteration
+    def _next_valid(self, dataset: Any) -> tuple[int, Sample] | None:
+        """(source index, sample) of the next valid record in pass order, read through `dataset`; bad records on
+        the way are counted in the pass's report (or raised with fail_fast). None when the epochs are done."""
+        while self.num_epochs is None or self.epoch < self.num_epochs:
             index = int(self._order[self.position])
-            result = self.dataset[index]
+            result = dataset[index]
             self.position += 1
             self.report.total += 1
-            if isinstance(result, Sample):
-                samples.append(result)
-            elif self.fail_fast:
-                raise result
-            else:
+            if not isinstance(result, Sample):
+                if self.fail_fast:
+                    raise result
                 self.report.add(result)
             if self.position == len(self._order):
                 self._end_pass()
+            if isinstance(result, Sample):
+                return index, result
+        return None
+
+    def _take_samples(self) -> list[Sample]:
+        samples: list[Sample] = []
+        while len(samples) < self.batch_size:
+            found = self._next_valid(self.dataset)
+            if found is None:
+                raise StopIteration
+            samples.append(found[1])
         return samples
 
     def _plan_window(self) -> None:
@@ -220,21 +228,11 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         indexes: list[int] = []
         lengths: list[int] = []
         while len(indexes) < self.group_by_length * self.batch_size:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            found = self._next_valid(self._planning)
+            if found is None:
                 break
-            index = int(self._order[self.position])
-            result = self._planning[index]
-            self.position += 1
-            self.report.total += 1
-            if isinstance(result, Sample):
-                indexes.append(index)
-                lengths.append(spliced_length(self.spec, result.example))
-            elif self.fail_fast:
-                raise result
-            else:
-                self.report.add(result)
-            if self.position == len(self._order):
-                self._end_pass()
+            indexes.append(found[0])
+            lengths.append(spliced_length(self.spec, found[1].example))
         usable = len(indexes) // self.batch_size * self.batch_size  # a finite run's last window: full batches only
         if usable == 0:
             raise StopIteration
