@@ -6,9 +6,10 @@
     jaxalign clutrr eval --checkpoint runs/student --csv 1.4_test.csv
 
 Training commands resume from the latest checkpoint in --workdir, write config.json, metrics.jsonl,
-checkpoints, the final model (model/) and eval.json, and print a JSON summary. `eval` accepts any CSV in the
-released format (for example a file written by `jaxalign clutrr generate`) and prints JSON with the accuracy
-overall, per noise task, per k and per (task, k).
+checkpoints, the final model (model/) and eval.json, and print a JSON summary (with the run's process_count and
+device_count; under a launcher every process prints the same summary and process 0 writes the files). `eval`
+accepts any CSV in the released format (for example a file written by `jaxalign clutrr generate`) and prints
+JSON with the accuracy overall, per noise task, per k and per (task, k).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ _OVERRIDE_HELP = ("any config field may follow as --config.a.b=value (typed afte
 
 
 def _summary(result: dict) -> dict:
-    """The headline numbers of a run: steps, time, last training metrics, accuracy per test file."""
-    return {key: result.get(key) for key in ("workdir", "role", "steps", "train_seconds", "final_metrics",
-                                             "train_stories_truncated", "test_accuracy") if key in result}
+    """The headline numbers of a run: steps, time, processes and devices, last training metrics, test accuracy."""
+    return {key: result.get(key) for key in ("workdir", "role", "steps", "train_seconds", "process_count",
+                                             "device_count", "final_metrics", "train_stories_truncated",
+                                             "test_accuracy") if key in result}
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
@@ -61,7 +63,10 @@ def _eval(args: argparse.Namespace) -> int:
         report = evaluate.evaluate_rows(model, rows, batch_size=args.batch_size)
         report["rows_skipped"] = read_report.rows_skipped
         reports[path] = report
-    header = {"checkpoint": args.checkpoint, "role": model.role, "model": model.config.kind}
+    import jax
+
+    header = {"checkpoint": args.checkpoint, "role": model.role, "model": model.config.kind,
+              "process_count": jax.process_count(), "device_count": jax.device_count()}
     if len(args.csv) == 1:
         (path, report), = reports.items()
         output = {**header, "csv": path, **report}

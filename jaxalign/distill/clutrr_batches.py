@@ -263,7 +263,7 @@ class TextReport:
 
 
 def text_batch(rows: Sequence[StoryRow], vocabulary: Vocabulary, labels: Vocabulary, max_length: int,
-               rng: np.random.Generator | int, report: TextReport | None = None,
+               rng: np.random.Generator | int | Sequence[np.random.Generator], report: TextReport | None = None,
                batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Anonymises, tokenises and pads the stories of `rows` for a text student.
 
@@ -272,7 +272,9 @@ def text_batch(rows: Sequence[StoryRow], vocabulary: Vocabulary, labels: Vocabul
       vocabulary: from `build_word_vocabulary`; its entity slots bound the people per story.
       labels: answer classes.
       max_length: token budget L; longer stories keep their first L tokens and are counted in `report`.
-      rng: a Generator (advance it across epochs for fresh permutations) or an int seed (fixed anonymisation).
+      rng: a Generator (advance it across epochs for fresh permutations), an int seed (fixed anonymisation),
+        or one Generator per row, so that a row's anonymisation does not depend on the other rows of its batch
+        (each process of a multi-process run featurises only its own block of the global batch).
       report: collects counts of truncated stories, unknown tokens and lost query mentions.
       batch_size: pad the batch to this many examples (example_mask False on the padding); default len(rows).
     Returns:
@@ -281,6 +283,12 @@ def text_batch(rows: Sequence[StoryRow], vocabulary: Vocabulary, labels: Vocabul
       mentions), source / target [B] int32 (their graph nodes), label [B] int32, example_mask [B] bool.
     """
     rng = np.random.default_rng(rng) if isinstance(rng, (int, np.integer)) else rng
+    if isinstance(rng, np.random.Generator):
+        row_rngs = [rng] * len(rows)
+    else:
+        row_rngs = list(rng)
+        if len(row_rngs) != len(rows):
+            raise ValueError(f"{len(row_rngs)} random generators for {len(rows)} rows: pass one per row")
     report = report if report is not None else TextReport()
     num_slots = entity_slots(vocabulary)
     batch_size = len(rows) if batch_size is None else batch_size
@@ -295,8 +303,8 @@ def text_batch(rows: Sequence[StoryRow], vocabulary: Vocabulary, labels: Vocabul
         "label": np.zeros((batch_size,), np.int32), "example_mask": np.zeros((batch_size,), bool),
     }
     unknown_id = vocabulary.id(UNKNOWN)
-    for b, row in enumerate(rows):
-        text, slot_of = anonymise(row.story, rng, num_slots, row.id)
+    for b, (row, row_rng) in enumerate(zip(rows, row_rngs)):
+        text, slot_of = anonymise(row.story, row_rng, num_slots, row.id)
         tokens = tokenize(text)
         if len(tokens) > max_length:
             report.truncated += 1

@@ -12,12 +12,16 @@ the released CSV format. Rows whose answer is not one of the model's labels cann
 are counted as wrong and reported (`unknown_labels`), never dropped. Stories longer than the evaluation token
 budget are truncated and counted (`truncated`).
 
+In a multi-process run (`launch/`) `evaluate_rows` and `evaluate_files` are collective: every process must call
+them; each predicts its contiguous block of the batches and the per-row results are summed over processes, so
+every process returns the same report.
+
 Public API:
   UNLABELLED_EDGE: the edge type of noise edges (the released data labels only the k path edges)
   graph_rows(rows) -> rows whose every story edge has a type (noise edges typed UNLABELLED_EDGE)
   SavedModel(role, config, params, labels, edge_types, words, max_length)
   save_model(directory, model) / load_model(path) -> SavedModel
-  predict(model, rows, batch_size=64, max_length=None) -> (predictions [N] int, report dict)
+  predict(model, rows, batch_size=64, max_length=None, batches=None) -> (predictions [N] int, report dict)
   accuracy_report(rows, predictions, labels) -> {"rows", "correct", "accuracy", "per_task", "per_k", ...}
   evaluate_rows(model, rows, batch_size=64) -> accuracy report with truncation / unknown-label counts
   evaluate_files(model, files: {name: rows}) -> {name: report}
@@ -33,6 +37,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxalign import distributed
 from jaxalign.clutrr.reader import ClutrrRow
 from jaxalign.distill import clutrr_batches
 from jaxalign.models import gnn, text_encoders
@@ -177,11 +182,13 @@ def featurise(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int, max
 
 
 def predict(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, max_length: int | None = None,
-            predict_fn=None, params=None) -> tuple[np.ndarray, dict]:
+            predict_fn=None, params=None, batches: range | None = None) -> tuple[np.ndarray, dict]:
     """Predicted class ids [N] for `rows`, and a report {'truncated', 'query_mentions_lost', 'unknown_labels'}.
 
-    Students read stories anonymised with a fixed seed (deterministic) and truncated to `max_length` tokens
-    (default: the model's evaluation budget; a transformer never beyond its position table).
+    Students read stories anonymised with a fixed seed per batch (deterministic) and truncated to `max_length`
+    tokens (default: the model's evaluation budget; a transformer never beyond its position table). `batches`
+    (default all) predicts only those batches of `batch_size` rows; the other rows get -1 and are not counted in
+    the report's truncation counts.
     """
     rows, known = _known_label_rows(rows, model.labels)
     if max_length is None:
@@ -191,12 +198,12 @@ def predict(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, 
     predict_fn = predict_fn or make_predict_fn(model)
     params = model.params if params is None else params
     text_report = clutrr_batches.TextReport()
-    predictions = []
-    for start in range(0, len(rows), batch_size):
+    predictions = np.full((len(rows),), -1, np.int64)
+    for index in batches if batches is not None else range(-(-len(rows) // batch_size)):
+        start = index * batch_size
         chunk = rows[start:start + batch_size]
         batch = featurise(model, chunk, batch_size, max_length, text_report, seed=start)
-        predictions.append(np.asarray(predict_fn(params, batch))[:len(chunk)])
-    predictions = np.concatenate(predictions) if predictions else np.zeros((0,), np.int64)
+        predictions[start:start + len(chunk)] = np.asarray(predict_fn(params, batch))[:len(chunk)]
     return predictions, {"truncated": text_report.truncated, "query_mentions_lost": text_report.query_mentions_lost,
                          "unknown_labels": int((~known).sum()), "known": known}
 
@@ -228,14 +235,28 @@ def _sort_key(key: str) -> tuple:
 
 def evaluate_rows(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, predict_fn=None,
                   params=None) -> dict:
-    """Accuracy report of `model` on `rows` plus truncation and unknown-label counts."""
-    predictions, details = predict(model, rows, batch_size, predict_fn=predict_fn, params=params)
+    """Accuracy report of `model` on `rows` plus truncation and unknown-label counts.
+
+    Collective over processes: each predicts its block of the batches (`distributed.host_slice`) and the
+    per-row results and counts are summed, so every process returns the report of a one-process run.
+    """
+    batches = distributed.host_slice(-(-len(rows) // batch_size)) if jax.process_count() > 1 else None
+    predictions, details = predict(model, rows, batch_size, predict_fn=predict_fn, params=params, batches=batches)
     labels = np.array([model.labels.id(row.target) if row.target in model.labels else -1 for row in rows])
-    correct = (predictions == labels) & details["known"]
+    correct = (predictions == labels) & details["known"]    # rows another process predicts: False here
+    counts = np.array([details["truncated"], details["query_mentions_lost"]], np.int64)
+    if batches is not None:
+        correct, counts = _sum_over_processes(correct.astype(np.int32)) > 0, _sum_over_processes(counts)
     report = accuracy_report(rows, correct)
-    report.update(truncated=details["truncated"], query_mentions_lost=details["query_mentions_lost"],
+    report.update(truncated=int(counts[0]), query_mentions_lost=int(counts[1]),
                   unknown_labels=details["unknown_labels"])
     return report
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """The sum over processes of an array of the same shape on each (every process must call it)."""
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values)).sum(0)
 
 
 def evaluate_files(model: SavedModel, files: dict[str, Sequence[ClutrrRow]], batch_size: int = 64,

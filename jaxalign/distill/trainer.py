@@ -23,11 +23,18 @@ resume, metrics.jsonl, a progress bar, config.json) with static shapes: graphs p
 reported). A run ends by writing `<workdir>/model/` (see `jaxalign.distill.evaluate`) and `<workdir>/eval.json`
 (accuracy per test file, noise task and k).
 
+Over several processes (`launch/`) the run is one program: the global batch of step s is the same rows whatever
+the process count, each process featurises only its contiguous block of those rows (where its devices hold them)
+and the global arrays are assembled by `jax.make_array_from_process_local_data`; each process scores its block
+of the test rows and the counts are summed over processes; only process 0 writes `model/` and `eval.json`, which
+record `process_count` and `device_count`.
+
 Public API:
   read_rows(spec) -> rows ('file.csv', 'data.zip:member.csv')
   read_test_files(specs) -> {file name: rows} ('data.zip' alone means every *_test.csv in it)
   student_loss_fn(student_config, teacher_config, distill) -> loss_fn(params, batch, rng)
   teacher_loss_fn(teacher_config) -> loss_fn(params, batch, rng)
+  process_rows(batch_size, mesh) -> range (the block of each global batch this process featurises)
   teacher_model_config(config) -> GNNConfig;  student_model_config(config, vocab_size, max_nodes) -> TextEncoderConfig
   train_teacher(config, workdir, rows=None) -> summary dict;  train_student(config, workdir, rows=None) -> summary dict
   run_quick_distillation(out_dir, seed=0) -> summary dict (generated data, teacher, student, student+KD+NCE)
@@ -45,7 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxalign import sharding as sharding_lib
+from jaxalign import distributed, sharding as sharding_lib
 from jaxalign.clutrr import reader
 from jaxalign.distill import clutrr_batches, heads, losses
 from jaxalign.distill import evaluate as evaluation
@@ -114,8 +121,35 @@ def _epoch_batches(num_rows: int, batch_size: int, seed: int, start_step: int) -
         step += 1
 
 
+def process_rows(batch_size: int, mesh) -> range:
+    """The rows of a global batch of `batch_size` that this process's devices hold: one contiguous block.
+
+    A process featurises only these rows; `sharding.global_batch` joins the blocks of all processes in order.
+    """
+    if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the {mesh.shape['data'] * mesh.shape['fsdp']}"
+                         " devices of the mesh's data and fsdp axes; pick a batch_size they divide")
+    indices = sharding_lib.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+    blocks = sorted({index[0].indices(batch_size)[:2] for index in indices.values()})
+    if any(stop != next_start for (_, stop), (next_start, _) in zip(blocks, blocks[1:])):
+        raise ValueError(f"process {jax.process_index()} holds rows {blocks} of the batch, not one contiguous block; "
+                         "build the mesh with each process's devices next to each other (sharding.make_mesh does)")
+    return range(blocks[0][0], blocks[-1][1])
+
+
 def _on_mesh(batch: PyTree, mesh) -> PyTree:
     return sharding_lib.global_batch(batch, mesh)
+
+
+def _to_host(tree: PyTree) -> PyTree:
+    """NumPy copies of global arrays; a leaf sharded over processes is gathered (all processes must call it)."""
+    from jax.experimental import multihost_utils
+
+    def to_host(leaf):
+        if leaf.is_fully_addressable or leaf.is_fully_replicated:    # the same answer on every process
+            return np.asarray(jax.device_get(leaf))
+        return multihost_utils.process_allgather(leaf, tiled=True)
+    return jax.tree.map(to_host, tree)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -237,14 +271,17 @@ def _run(config, workdir, state, shardings, mesh, loss_fn, optimizer, mask, sche
 
 
 def _evaluate_and_save(model: evaluation.SavedModel, config, workdir: str, extra: dict) -> dict:
-    evaluation.save_model(os.path.join(workdir, "model"), model)
-    summary = dict(extra)
+    """Exports the model and writes eval.json (process 0); every process evaluates its share of the test rows."""
+    if distributed.is_main_process():
+        evaluation.save_model(os.path.join(workdir, "model"), model)
+    summary = dict(extra, process_count=jax.process_count(), device_count=jax.device_count())
     if config.data.test:
         files = read_test_files(list(config.data.test))
         summary["test"] = evaluation.evaluate_files(model, files, batch_size=config.eval_batch_size)
         summary["test_accuracy"] = {name: report["accuracy"] for name, report in summary["test"].items()}
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as stream:
-        json.dump(summary, stream, indent=1)
+    if distributed.is_main_process():
+        with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as stream:
+            json.dump(summary, stream, indent=1)
     return summary
 
 
@@ -286,15 +323,17 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     optimizer, mask, schedule = _optimizer(config, params)
     state, shardings = _place_state(params, layers.logical_axes(specs), optimizer, mesh, config.seed)
 
+    rows_here = process_rows(config.batch_size, mesh)
+
     def batches_from(start_step: int) -> Iterator[PyTree]:
         for _, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
-            batch = clutrr_batches.graph_batch([rows[i] for i in indices], labels, edge_types,
-                                               model_config.max_nodes, model_config.max_edges)
+            batch = clutrr_batches.graph_batch([rows[i] for i in indices[rows_here.start:rows_here.stop]], labels,
+                                               edge_types, model_config.max_nodes, model_config.max_edges)
             yield _on_mesh(batch, mesh)
 
     result = _run(config, workdir, state, shardings, mesh, teacher_loss_fn(model_config), optimizer, mask,
                   schedule, batches_from, config.batch_size)
-    model = evaluation.SavedModel("teacher", model_config, jax.device_get(result.state.params), labels, edge_types)
+    model = evaluation.SavedModel("teacher", model_config, _to_host(result.state.params), labels, edge_types)
     return _evaluate_and_save(model, config, workdir, {
         "workdir": workdir, "role": "teacher", "steps": int(result.state.step),
         "train_seconds": time.time() - started, "final_metrics": result.history[-1] if result.history else {}})
@@ -357,12 +396,16 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     optimizer, mask, schedule = _optimizer(config, params, frozen_prefixes=("teacher",) if teacher else ())
     state, shardings = _place_state(params, layers.logical_axes(specs), optimizer, mesh, config.seed)
 
-    # --- data: anonymisation seeded by (seed, step) so a resumed run sees the same stories ---------------------
+    # --- data: each row anonymised by (seed, step, its place in the global batch), so a resumed run, or one
+    # over any number of processes (each featurising its block of rows), sees the same stories -----------------
+    rows_here = process_rows(config.batch_size, mesh)
+
     def batches_from(start_step: int) -> Iterator[PyTree]:
         for step, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
-            chunk = [rows[i] for i in indices]
-            batch = {"text": clutrr_batches.text_batch(chunk, words, labels, config.data.train_max_length,
-                                                       np.random.default_rng([config.seed, step]))}
+            indices = indices[rows_here.start:rows_here.stop]
+            row_rngs = [np.random.default_rng([config.seed, step, position]) for position in rows_here]
+            batch = {"text": clutrr_batches.text_batch([rows[i] for i in indices], words, labels,
+                                                       config.data.train_max_length, row_rngs)}
             if teacher is not None:
                 batch["graph"] = clutrr_batches.graph_batch([graph_rows[i] for i in indices], labels,
                                                             teacher.edge_types, teacher.config.max_nodes,
@@ -378,7 +421,7 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     if truncated:
         log.warning("%d of %d training stories are longer than data.train_max_length=%d tokens and were "
                     "truncated", truncated, len(rows), config.data.train_max_length)
-    student_params = jax.device_get(result.state.params["student"])
+    student_params = _to_host(result.state.params["student"])
     model = evaluation.SavedModel("student", model_config, student_params, labels, words=words,
                                   max_length=config.data.eval_max_length)
     return _evaluate_and_save(model, config, workdir, {
