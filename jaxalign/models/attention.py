@@ -405,7 +405,11 @@ def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool):
-    """A splash kernel for these shapes (mask preprocessing runs in numpy, so it is built once per shape)."""
+    """A splash kernel for these shapes (mask preprocessing runs in numpy, so it is built once per shape).
+
+    It is cached across traces, so the arrays it holds (the mask's block tables) are made concretely even when the
+    first call comes from inside a `jax.jit` trace: a traced array kept in the cache would leak into the next one.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -414,5 +418,6 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, causal: bool, interp
     blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                                block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                block_q_dq=block_q, block_kv_dq=block_kv)
-    return splash.make_splash_mha_single_device(masks.MultiHeadMask([one] * num_heads), block_sizes=blocks,
-                                                interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(masks.MultiHeadMask([one] * num_heads), block_sizes=blocks,
+                                                    interpret=interpret)
