@@ -76,8 +76,15 @@ def metrics(workdir) -> list[dict]:
 
 
 def manifest(results: dict) -> dict:
+    """The bank's manifest, with 'files': each stored array's whole shape (rows summed over its shard files)."""
     with open(os.path.join(results["memory"]["path"], "manifest.json"), encoding="utf-8") as file:
-        return json.load(file)
+        written = json.load(file)
+    files: dict = {}
+    for shard in written["shards"]:
+        for name, entry in shard["files"].items():
+            rows = files.get(name, {"shape": [0, *entry["shape"][1:]]})["shape"][0] + entry["shape"][0]
+            files[name] = {"shape": [rows, *entry["shape"][1:]]}
+    return dict(written, files=files)
 
 
 @pytest.fixture(scope="module")

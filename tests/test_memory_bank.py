@@ -10,6 +10,7 @@ import pytest
 from jaxalign import cli
 from jaxalign.memory import (MemoryBank, MemoryBankFileError, brute_force_numpy, build_bank, encoder_fingerprint,
                              load_bank, read_manifest, save_bank, store)
+from jaxalign.memory.build import bank_from_process_rows
 from jaxalign.sharding import make_mesh
 
 ROWS, DIM, K = 203, 8, 5  # 203 rows: not a multiple of the 8 devices
@@ -64,7 +65,9 @@ def test_save_load_round_trip_is_bit_identical(bank, mesh, data, tmp_path):
     manifest = read_manifest(tmp_path / "bank")
     assert (manifest["count"], manifest["key_dim"], manifest["key_dtype"]) == (ROWS, DIM, "float32")
     assert manifest["encoder_fingerprint"] == fingerprint
-    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    assert manifest["format_version"] == 2 and len(manifest["shards"]) == 7  # 203 rows, 32 a shard: 7 shards
+    assert [shard["rows"] for shard in manifest["shards"]] == [32] * 6 + [11]
+    assert all(len(entry["sha256"]) == 64 for shard in manifest["shards"] for entry in shard["files"].values())
     assert_same_search(bank, loaded, queries)
 
 
@@ -83,20 +86,20 @@ def saved(bank, tmp_path):
 
 
 def test_corrupted_file_is_refused(saved, mesh):
-    path = saved / "keys.bin"
+    path = saved / "shards" / "00002" / "keys.bin"
     raw = bytearray(path.read_bytes())
     raw[100] ^= 0xFF
     raw[101] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(MemoryBankFileError, match=r"keys\.bin is corrupted: its sha256 differs"):
+    with pytest.raises(MemoryBankFileError, match=r"shards/00002/keys\.bin is corrupted: its sha256 differs"):
         load_bank(saved, mesh=mesh)
 
 
 def test_truncated_file_is_refused(saved, mesh):
-    path = saved / "values" / "tokens.bin"
-    path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(MemoryBankFileError, match=r"tokens\.bin is truncated or padded: 3241 bytes, the manifest "
-                                                  r"says 3248"):
+    path = saved / "shards" / "00000" / "values" / "tokens.bin"
+    path.write_bytes(path.read_bytes()[:-7])  # 32 rows of 4 int32
+    with pytest.raises(MemoryBankFileError, match=r"tokens\.bin is truncated or padded: 505 bytes, the manifest "
+                                                  r"says 512"):
         load_bank(saved, mesh=mesh)
 
 
@@ -118,7 +121,7 @@ def test_dimension_mismatch_says_what_differs(saved, mesh):
 
 
 def test_save_is_atomic_and_replaces_an_existing_bank(bank, saved, mesh, monkeypatch):
-    before = {path.name: path.read_bytes() for path in saved.rglob("*.bin")}
+    before = {path.relative_to(saved): path.read_bytes() for path in saved.rglob("*.bin")}
 
     def fail(path):
         raise OSError("disk full")
@@ -128,7 +131,7 @@ def test_save_is_atomic_and_replaces_an_existing_bank(bank, saved, mesh, monkeyp
         save_bank(bank, saved, fingerprint="encoder-b")
     monkeypatch.undo()
     assert sorted(path.name for path in saved.parent.iterdir()) == ["bank"]  # no staging folder left behind
-    assert {path.name: path.read_bytes() for path in saved.rglob("*.bin")} == before
+    assert {path.relative_to(saved): path.read_bytes() for path in saved.rglob("*.bin")} == before
     assert read_manifest(saved)["encoder_fingerprint"] == "encoder-a"
     save_bank(bank, saved, fingerprint="encoder-b")
     assert sorted(path.name for path in saved.parent.iterdir()) == ["bank"]
@@ -224,3 +227,44 @@ def test_cli_build_and_search_memory(tmp_path, data, capsys):
         cli.main(["search-memory", "--memory", str(tmp_path / "bank"), "--queries", str(tmp_path / "queries.npy"),
                   "--fingerprint", "other"])
     assert Path(tmp_path / "bank" / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------- rows from processes, any mesh
+def test_bank_from_process_rows_equals_from_arrays(mesh, bank, data):
+    """The device-to-device exchange stores exactly what `from_arrays` stores (here one process holds all rows)."""
+    keys, values, ids, _ = data
+    moved = bank_from_process_rows(keys, values, ids, metric="cosine", mesh=mesh)
+    for expected, got in zip(host((bank.keys, bank.ids, bank.values)), host((moved.keys, moved.ids, moved.values))):
+        np.testing.assert_array_equal(expected, got)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_saved_bank_loads_onto_another_device_count(saved, data, devices):
+    keys, values, ids, queries = data
+    other = make_mesh((devices, 1, 1), devices=jax.devices()[:devices])
+    loaded = load_bank(saved, mesh=other)
+    np.testing.assert_array_equal(loaded.host_ids(), np.sort(ids))
+    assert loaded.capacity == (256 if devices == 8 else 208)
+    want_scores, want_ids = brute_force_numpy(queries, keys, ids, K, "cosine")
+    hits = loaded.search(queries, K, method="exact")
+    np.testing.assert_array_equal(np.asarray(hits.ids), want_ids)
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(np.asarray(loaded.values["tokens"])[:ROWS], values["tokens"][order])
+
+
+def test_version_1_folder_still_loads(bank, data, mesh, tmp_path):
+    """A bank written by the single-file format (keys.bin, ids.bin, values/ at the top) loads unchanged."""
+    keys, values, ids, queries = data
+    order = np.argsort(ids)
+    folder = tmp_path / "v1"
+    arrays = {"keys.bin": keys[order], "ids.bin": ids[order].astype(np.int32)}
+    structure = store._structure({name: np.asarray(leaf)[order] for name, leaf in [("tokens", values["tokens"])]},
+                                 "", arrays)
+    files = {name: store._write_array(folder / name, np.asarray(array)) for name, array in arrays.items()}
+    (folder / "manifest.json").write_text(json.dumps(
+        {"format": store.FORMAT, "format_version": 1, "count": ROWS, "key_dim": DIM, "key_dtype": "float32",
+         "metric": "cosine", "encoder_fingerprint": "old", "values": structure, "files": files, "extra": {}}))
+    loaded = load_bank(folder, mesh=mesh, fingerprint="old")
+    np.testing.assert_array_equal(np.asarray(loaded.keys), np.asarray(bank.keys))
+    np.testing.assert_array_equal(np.asarray(loaded.values["tokens"]), np.asarray(bank.values["tokens"]))
+    assert_same_search(loaded, MemoryBank.from_arrays(keys, {"tokens": values["tokens"]}, ids, mesh=mesh), queries)

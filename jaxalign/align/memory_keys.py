@@ -153,11 +153,11 @@ def load_or_build_bank(directory: str, fingerprint: str, build: Callable[[], ban
 def build_bank(encode: Callable[[dict], tuple[jax.Array, dict]], batches: Iterable[dict], mesh: Mesh,
                metric: str = "cosine", total: int | None = None, progress: bool = True) -> bank_lib.MemoryBank:
     """Encodes host batches (from `memory_batches`, each host its own slice) into a sharded bank; ids are the
-    records' `sample_index`."""
-    keys, values, ids = build_lib.encode_dataset(batches, encode, ids_field="sample_index",
-                                                 split_across_hosts=jax.process_count() == 1,
-                                                 progress=progress, total=total)
-    return bank_lib.MemoryBank.from_arrays(keys, values, ids, metric=metric, mesh=mesh)
+    records' `sample_index`. Each host keeps only the rows it encoded (`build.bank_from_process_rows`)."""
+    keys, values, ids = build_lib.encode_local(batches, encode, ids_field="sample_index",
+                                               split_across_hosts=jax.process_count() == 1,
+                                               progress=progress, total=total)
+    return build_lib.bank_from_process_rows(keys, values, ids, metric=metric, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)

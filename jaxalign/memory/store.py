@@ -1,17 +1,25 @@
 """Saving and loading memory banks: raw array files plus a manifest, written atomically, verified on load.
 
-A saved bank is a folder:
+A saved bank (format version 2) is a folder with one sub-folder per shard of the bank that holds real rows:
 
-    manifest.json   format, count, key_dim, dtypes and shapes, metric, encoder fingerprint, and for every file
-                    its size in bytes and sha256
-    keys.bin        [count, key_dim] raw little-endian bytes of the keys (any dtype, bfloat16 included)
-    ids.bin         [count] int32
-    values/NAME.bin one file per value array; the manifest records the pytree structure (dicts, lists, tuples)
+    manifest.json              format, count, key_dim, key dtype, metric, encoder fingerprint, values structure,
+                               and per shard: its first row, its row count and, for every file, shape, dtype,
+                               size in bytes and sha256
+    shards/00000/keys.bin      [rows, key_dim] raw little-endian bytes of the keys (any dtype, bfloat16 included)
+    shards/00000/ids.bin       [rows] int32
+    shards/00000/values/NAME.bin  one file per value array (the manifest records the pytree structure)
+    shards/00001/...
 
-Only the real rows are written (no padding), in increasing id order. The folder is written to a temporary
-sibling and renamed into place, so a crash never leaves a half-written bank under the final name. Loading
-checks the fingerprint and dimensions the caller expects, then every file's size and sha256, before any array
-is built: a truncated or corrupted bank is refused, never half-loaded.
+Only the real rows are written (no padding); concatenated in shard order they are the bank's rows in increasing
+id order. Each process writes the shards its devices hold, so no host gathers the bank; only the small file
+checksums go to process 0, which writes the manifest once every shard is written. The folder is written to a
+temporary sibling and renamed into place, so a crash never leaves a half-written bank under the final name (on
+several processes the folder must be on a file system they all see).
+
+Loading puts the bank on any mesh, whatever the number of processes or devices that saved it: each process
+reads only the rows its devices hold, from whichever shard files contain them, after checking those files' size
+and sha256 (a damaged file is refused, naming it, on every process). Version 1 folders (keys.bin, ids.bin and
+values/ at the top, written by earlier versions) load the same way, as a bank of one shard.
 """
 from __future__ import annotations
 
@@ -27,13 +35,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxalign import sharding
 from jaxalign.memory import bank as bank_lib
 
 PyTree = Any
 FORMAT = "jaxalign-memory-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -82,7 +93,7 @@ def _structure(values: PyTree, prefix: str, arrays: dict[str, np.ndarray]) -> An
     name, copy = f"values/{stem}.bin", 1
     while name in arrays:
         name, copy = f"values/{stem}-{copy}.bin", copy + 1
-    arrays[name] = np.asarray(values)
+    arrays[name] = values
     return {"array": name}
 
 
@@ -98,52 +109,93 @@ def _rebuild(structure: Any, arrays: dict[str, np.ndarray]) -> PyTree:
     return arrays[structure["array"]]
 
 
+def _write_array(path: Path, array: np.ndarray) -> dict:
+    """Writes raw bytes, flushed to disk; returns the manifest entry (shape, dtype, bytes, sha256)."""
+    array = np.ascontiguousarray(array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(array.tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"shape": list(array.shape), "dtype": array.dtype.name, "bytes": array.nbytes, "sha256": _sha256(path)}
+
+
+def _allgather_json(item: Any) -> list:
+    """Every process's JSON-serialisable `item`, in process order (a few kilobytes: checksums, never rows)."""
+    if jax.process_count() == 1:
+        return [item]
+    raw = np.frombuffer(json.dumps(item).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(raw.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(every[process, :size].tobytes()) for process, size in enumerate(sizes)]
+
+
+def _local_blocks(array: jax.Array) -> dict[int, np.ndarray]:
+    """Shard number -> this process's block [rows per shard, ...] of a row-sharded bank array."""
+    per_shard = array.shape[0] // bank_lib._shard_count(array.sharding.mesh)
+    return {(shard.index[0].start or 0) // per_shard: np.asarray(shard.data)
+            for shard in array.addressable_shards if shard.replica_id == 0}
+
+
 def save_bank(bank: bank_lib.MemoryBank, directory: str | os.PathLike, *, fingerprint: str,
               extra: dict | None = None) -> Path:
-    """Writes `bank` (real rows only) to `directory`, replacing it atomically if it exists.
+    """Writes `bank` (real rows only) to `directory`, replacing it atomically if it exists. Collective: every
+    process calls it and writes the shards its devices hold; process 0 writes the manifest.
 
     Args:
       bank: the bank to save.
-      directory: destination folder.
+      directory: destination folder (on a file system every process sees).
       fingerprint: `encoder_fingerprint(...)` of the encoder that made the keys (any string for keys from
         elsewhere); `load_bank` compares it.
       extra: JSON-serialisable notes stored in the manifest (dataset name, date ...).
     Returns:
-      The folder written. On several processes only process 0 writes; every process gathers the rows.
+      The folder written.
     """
     directory = Path(directory)
-    all_ids = bank_lib._to_host(bank.ids)
-    real = all_ids >= 0
-    arrays = {"keys.bin": bank_lib._to_host(bank.keys)[real], "ids.bin": all_ids[real].astype(np.int32)}
-    structure = _structure(jax.tree.map(lambda leaf: bank_lib._to_host(leaf)[real], bank.values), "", arrays)
-    if jax.process_index() != 0:
-        return directory
-    staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (staging / "values").mkdir(parents=True)
+    arrays = {"keys.bin": bank.keys, "ids.bin": bank.ids}
+    structure = _structure(bank.values, "", arrays)
+    token = uuid.uuid4().hex[:8]
+    if jax.process_count() > 1:  # every process writes into the same staging folder
+        token = f"{int(multihost_utils.broadcast_one_to_all(np.int32(int(token, 16) >> 1))):08x}"
+    staging = directory.parent / f".{directory.name}.tmp-{token}"
+    rows_per_shard = bank.capacity // bank_lib._shard_count(bank.mesh)
     try:
-        files = {}
-        for name, array in arrays.items():
-            array = np.ascontiguousarray(array)
-            with open(staging / name, "wb") as handle:
-                handle.write(array.tobytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            files[name] = {"shape": list(array.shape), "dtype": array.dtype.name, "bytes": array.nbytes,
-                           "sha256": _sha256(staging / name)}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "count": int(real.sum()),
-                    "key_dim": bank.key_dim, "key_dtype": arrays["keys.bin"].dtype.name, "metric": bank.metric,
-                    "encoder_fingerprint": fingerprint, "values": structure, "files": files, "extra": extra or {}}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if directory.exists():  # swap: the old bank stays whole until the new one is in place
-            retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(directory)
+        blocks = {name: _local_blocks(array) for name, array in arrays.items()}
+        written = []
+        for shard, ids in sorted(blocks["ids.bin"].items()):
+            rows = int((ids >= 0).sum())
+            if rows == 0:
+                continue
+            if not (ids[:rows] >= 0).all():
+                raise ValueError(f"save_bank: shard {shard} has padding rows before real rows; the bank's layout "
+                                 f"is broken")
+            folder = f"shards/{shard:05d}"
+            files = {name: _write_array(staging / folder / name, blocks[name][shard][:rows]) for name in arrays}
+            written.append({"folder": folder, "row_start": shard * rows_per_shard, "rows": rows, "files": files})
+        shards = sorted((entry for part in _allgather_json(written) for entry in part),
+                        key=lambda entry: entry["row_start"])
+        if jax.process_index() == 0:
+            count = sum(entry["rows"] for entry in shards)
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "count": count,
+                        "key_dim": bank.key_dim, "key_dtype": jnp.dtype(bank.keys.dtype).name, "metric": bank.metric,
+                        "encoder_fingerprint": fingerprint, "values": structure, "shards": shards,
+                        "extra": extra or {}}
+            staging.mkdir(parents=True, exist_ok=True)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if directory.exists():  # swap: the old bank stays whole until the new one is in place
+                retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+                directory.rename(retired)
+                staging.rename(directory)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(directory)
     finally:
-        if staging.exists():
+        if jax.process_index() == 0 and staging.exists():
             shutil.rmtree(staging)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"memory bank saved to {directory}")
     return directory
 
 
@@ -157,9 +209,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise MemoryBankFileError(f"{path} is not valid JSON ({error}); the bank is damaged, rebuild it") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise MemoryBankFileError(f"{path}: format {manifest.get('format')!r} version "
-                                  f"{manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+                                  f"{manifest.get('format_version')!r}, expected {FORMAT!r} version "
+                                  f"{' or '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
@@ -187,23 +240,84 @@ def load_bank(directory: str | os.PathLike, *, mesh: Mesh | None = None, fingerp
     if key_dim is not None and manifest["key_dim"] != key_dim:
         raise MemoryBankFileError(f"{directory}: key dimension mismatch: the bank's keys are {manifest['key_dim']} "
                                   f"wide, the queries are {key_dim} wide")
-    arrays = {}
-    for name, entry in manifest["files"].items():
-        path = directory / name
+    pieces = _pieces(manifest)
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    count = int(manifest["count"])
+    capacity = bank_lib.padded_capacity(count, mesh)
+    per_shard = capacity // bank_lib._shard_count(mesh)
+    indices = bank_lib.row_sharding(mesh, 1).addressable_devices_indices_map((capacity,))
+    local = {device: (index[0].start or 0) // per_shard for device, index in indices.items()}
+    # The pieces (saved shards) that overlap the rows of this process's devices; only their files are read.
+    needed = [piece for piece in pieces
+              if any(piece["row_start"] < (shard + 1) * per_shard and shard * per_shard < piece["row_start"]
+                     + piece["rows"] for shard in local.values())]
+    error = None
+    try:
+        for piece in needed:
+            _check_piece(directory, piece, manifest)
+    except MemoryBankFileError as found:
+        error = found
+    _raise_on_every_process(error, directory)
+
+    def load_array(name: str) -> jax.Array:
+        entry = pieces[0]["files"][name]
+        dtype, row_shape = jnp.dtype(entry["dtype"]), tuple(entry["shape"][1:])
+        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        blocks = []
+        for device, shard in local.items():
+            block = np.full((per_shard,) + row_shape, -1 if name == "ids.bin" else 0, dtype)
+            first, stop = shard * per_shard, (shard + 1) * per_shard
+            for piece in needed:
+                start, end = max(first, piece["row_start"]), min(stop, piece["row_start"] + piece["rows"])
+                if start < end:
+                    rows = np.fromfile(directory / piece["prefix"] / name, dtype=dtype,
+                                       count=(end - start) * row_bytes // dtype.itemsize,
+                                       offset=(start - piece["row_start"]) * row_bytes)
+                    block[start - first:end - first] = rows.reshape((end - start,) + row_shape)
+            blocks.append(jax.device_put(block, device))
+        return jax.make_array_from_single_device_arrays((capacity,) + row_shape,
+                                                        bank_lib.row_sharding(mesh, 1 + len(row_shape)), blocks)
+
+    names = list(pieces[0]["files"]) if pieces else []
+    arrays = {name: load_array(name) for name in names}
+    values = _rebuild(manifest["values"], arrays)
+    return bank_lib.MemoryBank(keys=arrays["keys.bin"], ids=arrays["ids.bin"], values=values,
+                               metric=metric or manifest["metric"], mesh=mesh)
+
+
+def _pieces(manifest: dict) -> list[dict]:
+    """The saved shards: [{'prefix', 'row_start', 'rows', 'files'}] in row order (version 1: one shard)."""
+    if manifest["format_version"] == 1:
+        return [{"prefix": ".", "row_start": 0, "rows": int(manifest["count"]), "files": manifest["files"]}]
+    return [{"prefix": entry["folder"], "row_start": int(entry["row_start"]), "rows": int(entry["rows"]),
+             "files": entry["files"]} for entry in manifest["shards"]]
+
+
+def _check_piece(directory: Path, piece: dict, manifest: dict) -> None:
+    """Refuses a saved shard whose files are missing, of the wrong size or shape, or whose sha256 differs."""
+    for name, entry in piece["files"].items():
+        path = directory / piece["prefix"] / name
         if not path.is_file():
             raise MemoryBankFileError(f"{path} is missing (listed in {MANIFEST}); the bank is incomplete")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise MemoryBankFileError(f"{path} is truncated or padded: {size} bytes, the manifest says "
                                       f"{entry['bytes']}; the bank is damaged, rebuild or re-copy it")
+        if entry["shape"][0] != piece["rows"] or (name == "keys.bin" and entry["shape"][1:] != [manifest["key_dim"]]):
+            raise MemoryBankFileError(f"{path} holds {tuple(entry['shape'])}, the manifest says {piece['rows']} rows"
+                                      f"{' of width ' + str(manifest['key_dim']) if name == 'keys.bin' else ''}")
         if _sha256(path) != entry["sha256"]:
             raise MemoryBankFileError(f"{path} is corrupted: its sha256 differs from the manifest's; the bank is "
                                       f"damaged, rebuild or re-copy it")
-        # jnp.dtype knows bfloat16 and the other ml_dtypes names that np.dtype does not.
-        arrays[name] = np.fromfile(path, dtype=jnp.dtype(entry["dtype"])).reshape(entry["shape"])
-    keys = arrays["keys.bin"]
-    if keys.shape != (manifest["count"], manifest["key_dim"]):
-        raise MemoryBankFileError(f"{directory}: keys.bin holds {keys.shape}, the manifest says "
-                                  f"({manifest['count']}, {manifest['key_dim']})")
-    return bank_lib.MemoryBank.from_arrays(keys, _rebuild(manifest["values"], arrays), arrays["ids.bin"],
-                                           metric=metric or manifest["metric"], mesh=mesh)
+
+
+def _raise_on_every_process(error: MemoryBankFileError | None, directory: Path) -> None:
+    """Raises `error` here, and an error on the other processes too, so that none goes on to wait for it."""
+    if jax.process_count() > 1:
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+        if error is None and failed.any():
+            raise MemoryBankFileError(f"{directory}: process(es) {np.flatnonzero(failed).tolist()} found a damaged "
+                                      f"or missing file (their logs name it); the bank is damaged, rebuild or "
+                                      f"re-copy it")
+    if error is not None:
+        raise error
