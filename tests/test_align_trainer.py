@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from jaxalign.align import trainer
 from jaxalign.configs.base import load_config
+from jaxalign.data import pipeline
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 SHAPES = ("circle", "square")
@@ -110,6 +111,13 @@ def test_stage2_starts_from_stage1_trains_the_lm_and_lowers_the_loss(stage1, sta
     assert set(vqa["per_type"]) == {"(none)"}
 
 
+def read_extra(workdir, step):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "extra"))
+    extra = manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+    manager.close()
+    return extra
+
+
 def read_checkpoint(workdir, step):
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "extra"))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -117,15 +125,52 @@ def read_checkpoint(workdir, step):
     return {name: np.asarray(value) for name, value in restored.items()}
 
 
-def test_resume_after_an_interruption_is_exact(folders, stage1, stage2):
-    workdir, _ = stage2
+class DataReads:
+    """Counts the training pipeline's record reads (`process_record`) and the reads before the first batch."""
+
+    def __init__(self, monkeypatch):
+        self.records, self.before_first_batch, self.replayed_steps, self.restored = 0, None, 0, []
+        original_process, original_next = pipeline.process_record, pipeline.TrainBatches.__next__
+        original_skip, original_restore = pipeline.TrainBatches.skip_steps, pipeline.TrainBatches.restore
+
+        def process_record(*args, **kwargs):
+            self.records += 1
+            return original_process(*args, **kwargs)
+
+        def first_next(batches):
+            if self.before_first_batch is None:
+                self.before_first_batch = self.records
+            return original_next(batches)
+
+        def skip_steps(batches, steps):
+            self.replayed_steps += steps
+            return original_skip(batches, steps)
+
+        def restore(batches, state):
+            self.restored.append(dict(state))
+            return original_restore(batches, state)
+
+        monkeypatch.setattr(pipeline, "process_record", process_record)
+        monkeypatch.setattr(pipeline.TrainBatches, "__next__", first_next)
+        monkeypatch.setattr(pipeline.TrainBatches, "skip_steps", skip_steps)
+        monkeypatch.setattr(pipeline.TrainBatches, "restore", restore)
+
+
+def test_resume_after_an_interruption_is_exact(folders, stage1, stage2, monkeypatch):
+    workdir, straight_results = stage2
     resumed = str(folders / "stage2_resumed")
     shutil.copytree(workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))   # as if the run had died after step 2
     config = tiny_config(folders, 2, 4, f"model.init_from={stage1[0]}", "train.learning_rate=0.003",
                          "train.warmup_ratio=0.0", "train.log_every=1", "eval.at_end=False")
+    reads = DataReads(monkeypatch)
     results = trainer.train_and_evaluate(config, resumed)
     assert results["memory"]["reused"] is True and results["steps"] == 4
+    # The data position came from the checkpoint (one state per shard): nothing of steps 0-1 was read again.
+    saved = read_extra(workdir, 2)["data_iterator_state"]["processes"][0]
+    assert reads.restored == saved and len(saved) == 8 and all(state["step"] == 2 for state in saved)
+    assert reads.replayed_steps == 0 and reads.before_first_batch == 0
+    assert results["loss_history"] == [entry for entry in straight_results["loss_history"] if entry[0] > 2]
     straight, again = read_checkpoint(workdir, 4), read_checkpoint(resumed, 4)
     assert sorted(straight) == sorted(again)
     for name in straight:

@@ -138,6 +138,17 @@ def test_state_restores_the_position_without_replay(records, tokenizer):
         np.testing.assert_array_equal(a["pixels"], b["pixels"])
 
 
+def test_state_restored_before_the_bad_end_of_a_pass_does_not_call_the_pass_unusable(records, tokenizer):
+    # A pass of [good, good, too long]: restored after the two good ones, the report of the rest holds only the
+    # bad sample, which is no reason to declare the whole pass unusable.
+    data = _bad_records(records)[:2] + [_bad_records(records)[12]]
+    iterator = dataset(data, tokenizer, batch_size=1, shuffle=False)
+    take(iterator, 2)
+    restored = dataset(data, tokenizer, batch_size=1, shuffle=False, start_state=dict(iterator.state))
+    assert [int(batch["sample_index"][0]) for batch in take(restored, 2)] == [0, 1]
+    assert restored.reports[0].counts == {"too_long": 1}
+
+
 # ------------------------------------------------------------------------------------------- host slices
 def test_two_hosts_read_disjoint_slices_that_cover_the_fraction(records, tokenizer):
     selected = np.sort(select_fraction(120, 0.5, seed=3))

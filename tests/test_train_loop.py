@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding
-from jaxalign.train import optimizer as opt_lib
+from jaxalign.train import loop, optimizer as opt_lib
 from jaxalign.train.loop import NonFiniteLossError, train
 from jaxalign.train.metrics import read_metrics
 from jaxalign.train.state import create_train_state, state_shardings
@@ -140,3 +141,120 @@ def test_eval_fn_is_logged(engine, tmp_path):
 def test_exhausted_batch_iterator_is_a_clear_error(engine, tmp_path):
     with pytest.raises(RuntimeError, match="ran out before step 4 of 10"):
         run(engine, tmp_path, factory=lambda start: itertools.islice(batches_from(start), 3))
+
+
+class ResumableBatches:
+    """`batch_at(0), batch_at(1), ...` with a `state` (the next index); counts the batches it builds."""
+
+    def __init__(self, start_step, start_state=None, crash_at=None):
+        # Replaying is what a stateless pipeline must do to reach `start_step`: building every earlier batch.
+        self.next_index, self.built, self.crash_at = 0, 0, crash_at
+        if start_state is not None:
+            self.next_index = start_state["next_index"]
+        while self.next_index < start_step:
+            next(self)
+        self.built_before_first_batch = self.built
+
+    @property
+    def state(self):
+        return {"next_index": self.next_index}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.crash_at is not None and self.next_index == self.crash_at:
+            raise KeyboardInterrupt(f"simulated crash before batch {self.next_index}")
+        self.built += 1
+        self.next_index += 1
+        return batch_at(self.next_index - 1)
+
+
+def read_extra(workdir, step):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "extra"))
+    extra = manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+    manager.close()
+    return extra
+
+
+def test_resume_restores_the_saved_iterator_state_without_replay(engine, straight_run, tmp_path):
+    _, straight = straight_run
+    made = []
+
+    def factory(start_step, start_state=None, crash_at=None):
+        made.append((start_step, start_state, ResumableBatches(start_step, start_state, crash_at)))
+        return made[-1][2]
+
+    with pytest.raises(KeyboardInterrupt):
+        run(engine, tmp_path, factory=lambda start, **kw: factory(start, crash_at=7, **kw), prefetch=2)
+    # The prefetcher had read batches 5 and 6 ahead when step 5 was saved: the state saved is after batch 4.
+    assert read_extra(tmp_path, 5)["data_iterator_state"] == {"process_count": 1, "processes": [{"next_index": 5}]}
+    resumed = run(engine, tmp_path, factory=factory, prefetch=2)
+    start_step, start_state, iterator = made[-1]
+    assert (start_step, start_state) == (5, {"next_index": 5})
+    assert iterator.built_before_first_batch == 0    # replaying would have built 5 batches
+    assert [r["step"] for r in resumed.history] == [6, 8, 10]
+    assert resumed.history == [r for r in straight.history if r["step"] > 5]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 straight.state.params, resumed.state.params)
+
+
+def test_old_checkpoints_without_iterator_state_resume_by_replay(engine, straight_run, tmp_path):
+    _, straight = straight_run
+    with pytest.raises(KeyboardInterrupt):
+        run(engine, tmp_path, factory=lambda start: batches_from(start, crash_at=7))   # no state saved
+    assert "data_iterator_state" not in read_extra(tmp_path, 5)
+    made = []
+    resumed = run(engine, tmp_path, factory=lambda start: made.append(ResumableBatches(start)) or made[-1])
+    assert made[0].built_before_first_batch == 5
+    assert resumed.history == [r for r in straight.history if r["step"] > 5]
+
+
+def test_prefetching_does_not_change_the_run(engine, straight_run, tmp_path):
+    _, straight = straight_run
+    prefetched = run(engine, tmp_path, prefetch=2)
+    assert prefetched.history == straight.history
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 straight.state.params, prefetched.state.params)
+
+
+def counting_pulls(monkeypatch):
+    pulls = []
+    original = loop._pull_metrics
+
+    def pull(metrics):
+        pulls.append(len(metrics))
+        return original(metrics)
+
+    monkeypatch.setattr(loop, "_pull_metrics", pull)
+    return pulls
+
+
+def counting_steps(engine):
+    steps = []
+
+    def step(state, batch):
+        steps.append(len(steps))
+        return engine["step"](state, batch)
+    return step, steps
+
+
+def test_metrics_are_pulled_only_at_log_steps(engine, tmp_path, monkeypatch):
+    pulls = counting_pulls(monkeypatch)
+    result = train(state=engine["fresh_state"](), train_step=engine["step"], batch_iterator_factory=batches_from,
+                   total_steps=10, workdir=str(tmp_path), log_every=5, checkpoint_every=5, progress=False)
+    assert pulls == [5, 5]              # two transfers of five steps' metrics each, not ten of one
+    assert [r["step"] for r in result.history] == [5, 10]
+
+
+def test_non_finite_loss_between_log_steps_stops_at_the_next_log_step(engine, tmp_path, monkeypatch):
+    pulls = counting_pulls(monkeypatch)
+    step, steps = counting_steps(engine)
+    with pytest.raises(NonFiniteLossError, match="at step 7") as error:
+        train(state=engine["fresh_state"](), train_step=step,
+              batch_iterator_factory=lambda start: batches_from(start, poison_at=6), total_steps=20,
+              workdir=str(tmp_path), log_every=5, checkpoint_every=5, progress=False, prefetch=2)
+    assert error.value.step == 7 and error.value.last_good_checkpoint == 5
+    assert len(steps) == 10 and pulls == [5, 5]     # found at the pull of step 10, naming the step it came from
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [5]

@@ -107,10 +107,16 @@ class ShardTrainBatches:
     With length buckets each shard picks its own bucket; the parts are padded to the largest bucket of any shard
     of any process (one all-gather of one integer per step with several processes), so every step has one
     length. `shards` are the shards' `pipeline.TrainBatches` (their reports and padding statistics; the latter
-    count each shard's own bucket, before that agreement)."""
+    count each shard's own bucket, before that agreement). `to_device`, if given, maps each joined batch (e.g.
+    onto the mesh). `state` is the list of the shards' `TrainBatches.state`, the position after the last
+    batch: `pipeline.make_vqa_dataset(start_state=...)` of each shard resumes there."""
 
-    def __init__(self, shards: list[pipeline.TrainBatches], pad_id: int):
-        self.shards, self.pad_id = shards, pad_id
+    def __init__(self, shards: list[pipeline.TrainBatches], pad_id: int, to_device=None):
+        self.shards, self.pad_id, self.to_device = shards, pad_id, to_device
+
+    @property
+    def state(self) -> list[dict[str, int]]:
+        return [shard.state for shard in self.shards]
 
     def __iter__(self):
         return self
@@ -121,7 +127,8 @@ class ShardTrainBatches:
         if self.shards[0].length_buckets and jax.process_count() > 1:
             length = max_over_processes(length)
         parts = [_pad_length(part, length, self.pad_id) for part in parts]
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        batch = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return self.to_device(batch) if self.to_device is not None else batch
 
 
 class ShardEvalBatches:
@@ -230,28 +237,44 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     # --- update step: one jit over (state, batch, memory), the bank searched inside -----------------------------
     jitted = update_step.jit_update_step(
         update_step.make_update_step(cfg, optimizer, mask, train.accum_steps, schedule), shardings, mesh, run.memory)
+    # Timing without a host synchronisation per step: the first step (compilation) is waited for alone, then
+    # one wait every log_every steps; step_times holds the first step's time, then each interval's time per step.
     step_times: list[float] = []
+    timing = {"calls": 0, "since": 0.0}
 
     def train_step(state, batch):
-        start = time.perf_counter()
+        if timing["calls"] == 0:
+            timing["since"] = time.perf_counter()
         new_state, metrics = jitted(state, batch, run.memory)
-        jax.block_until_ready(metrics["loss"])
-        step_times.append(time.perf_counter() - start)
+        timing["calls"] += 1
+        if timing["calls"] == 1 or (timing["calls"] - 1) % train.log_every == 0:
+            jax.block_until_ready(metrics["loss"])
+            now = time.perf_counter()
+            steps = 1 if timing["calls"] == 1 else train.log_every
+            step_times.append((now - timing["since"]) / steps)
+            timing["since"] = now
         return new_state, metrics
 
     # --- input iterator, resumable at any step ------------------------------------------------------------------
     iterators: list[pipeline.TrainBatches] = []
     shard_count, own_shards = data_shards(mesh, global_batch_size)
 
-    def batch_iterator_factory(start_step: int):
+    def batch_iterator_factory(start_step: int, start_state: list[dict[str, int]] | None = None):
+        # A saved state (one per shard of this process, see ShardTrainBatches.state) restores each shard's
+        # position directly; without one (older checkpoints) each shard replays steps 0..start_step-1.
+        if start_state is not None and len(start_state) != len(own_shards):
+            log.warning("the checkpoint's data state has %d shards, this process reads %d: replaying the steps "
+                        "before step %d instead", len(start_state), len(own_shards), start_step)
+            start_state = None
         # ShardTrainBatches agrees on the step's length bucket over all shards, so each shard keeps its own.
         shards = [pipeline.make_vqa_dataset(
             run.sources["train"], batch_size=global_batch_size // shard_count, seed=config.seed,
             fraction=config.data.fraction, fraction_seed=config.data.fraction_seed, start_step=start_step,
+            start_state=None if start_state is None else start_state[number],
             process_index=shard, process_count=shard_count, agree_length=lambda length: length,
-            **run.data_options) for shard in own_shards]
+            **run.data_options) for number, shard in enumerate(own_shards)]
         iterators.extend(shards)
-        return (_device_batch(batch, mesh) for batch in ShardTrainBatches(shards, run.tokenizer.pad_id))
+        return ShardTrainBatches(shards, run.tokenizer.pad_id, to_device=lambda batch: _device_batch(batch, mesh))
 
     # --- training loop ------------------------------------------------------------------------------------------
     evaluate = make_evaluator(run)
@@ -264,7 +287,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                         total_steps=total_steps, workdir=workdir, log_every=train.log_every,
                         checkpoint_every=train.checkpoint_every, keep=train.keep_checkpoints, config=config,
                         eval_fn=eval_fn, eval_every=train.eval_every or None, checkpoint_trainable_mask=mask,
-                        examples_per_step=global_batch_size, progress=config.progress)
+                        examples_per_step=global_batch_size, progress=config.progress,
+                        # Several processes agree on each step's length bucket with an all-gather inside the
+                        # iterator: that must run in step order on the main thread, so no prefetching then.
+                        prefetch=0 if run.data_options.get("length_buckets") and jax.process_count() > 1 else 2)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     evaluation = evaluate(result.state.params, progress=config.progress) if config.eval.at_end else {}

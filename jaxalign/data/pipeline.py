@@ -135,6 +135,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         self.group_by_length = int(group_by_length)
         self.agree_length = agree_length
         self.epoch, self.position, self.step = 0, 0, 0
+        self._report_covers_pass = True  # False while the report lacks the start of the pass (after `restore`)
         self.report = SkipReport()
         self.reports: list[SkipReport] = []
         self.padding = PaddingStats()
@@ -159,6 +160,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         self.epoch, self.position, self.step = int(state["epoch"]), int(state["position"]), int(state["step"])
         self._order = self._epoch_order(self.epoch)
         self.report, self.padding = SkipReport(), PaddingStats()
+        self._report_covers_pass = self.position == 0
         self._plan = None
         if self.group_by_length and self.step % self.group_by_length:
             self._plan_window()  # the window in progress, whose first step % W batches were yielded already
@@ -187,10 +189,12 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         if self.verbose:
             padding = f"\n  padding so far: {self.padding}" if self.padding.batches else ""
             print(f"data pass {self.epoch}: {self.report}{padding}", file=sys.stderr, flush=True)
-        if self.report.total and self.report.kept == 0:
+        # After a restore mid-pass the samples kept before it are not in the report: no verdict on that pass.
+        if self.report.total and self.report.kept == 0 and self._report_covers_pass:
             raise ValueError(f"no usable sample in a whole pass over this host's data:\n{self.report}")
         self.reports.append(self.report)
         self.report = SkipReport()
+        self._report_covers_pass = True
         self.epoch += 1
         self.position = 0
         self._order = self._epoch_order(self.epoch)

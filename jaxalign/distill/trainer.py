@@ -267,7 +267,10 @@ def _run(config, workdir, state, shardings, mesh, loss_fn, optimizer, mask, sche
                       total_steps=config.steps, workdir=workdir, log_every=config.train.log_every,
                       checkpoint_every=config.train.checkpoint_every, keep=config.train.keep, config=config,
                       checkpoint_trainable_mask=mask, examples_per_step=batch_size,
-                      async_checkpoints=config.train.async_checkpoints, progress=config.train.progress)
+                      async_checkpoints=config.train.async_checkpoints, progress=config.train.progress,
+                      # The batch order is a pure function of the step (`_epoch_batches`): resuming at a step
+                      # replays nothing, so the iterators need no saved state; featurising overlaps the step.
+                      prefetch=2)
 
 
 def _evaluate_and_save(model: evaluation.SavedModel, config, workdir: str, extra: dict) -> dict:

@@ -6,11 +6,23 @@ The loop owns everything that is the same for all of them:
   * exact resume: the latest checkpoint in `<workdir>/checkpoints` is restored (params, optimizer state, step
     and random key) and the batch iterator is created from the restored step (`batch_iterator_factory(step)`),
     so an interrupted and resumed run sees the same batches and keys, and ends with the same parameters, as
-    an uninterrupted one;
+    an uninterrupted one. A *resumable* iterator (one with a JSON-able `state` property: its position after the
+    last batch it yielded) is asked for its state at every checkpoint; each process's state is stored in the
+    checkpoint's JSON extra (`extra['data_iterator_state'] = {'process_count', 'processes': [state per
+    process]}`) and handed back on resume as `batch_iterator_factory(step, start_state=state)`, so the iterator
+    restores its position without replaying steps 0..step-1. Checkpoints without it (older ones, or saved with
+    another process count) resume by `batch_iterator_factory(step)`;
+  * prefetch (trainers pass `prefetch=2`): batches are taken from the iterator that many ahead on a background thread
+    (`jaxalign.data.prefetch.Prefetcher`: the iterator's decoding and device placement overlap the step); the
+    state saved is that of the batch the checkpointed step consumed, not of the read-ahead;
+  * no host synchronisation per step: the step's metrics stay on the device and are pulled to the host, all
+    the steps since the last pull in one transfer (`_pull_metrics`), only at log steps and at the steps that
+    need a known-good state (checkpoint, evaluation, preemption, the last step);
   * the resolved config is written to `<workdir>/config.json` at start;
   * metrics go to `<workdir>/metrics.jsonl` and TensorBoard; a progress bar shows loss, examples/s and ETA;
-  * a NaN or infinite loss raises `NonFiniteLossError` naming the step; the bad state is not saved, so the
-    last checkpoint written stays the latest good one;
+  * a NaN or infinite loss raises `NonFiniteLossError` naming the first step that produced one; it is seen at
+    the next pull (at most `log_every` steps later, always before a checkpoint or evaluation), and the bad state
+    is not saved, so the last checkpoint written stays the latest good one;
   * checkpoints every `checkpoint_every` steps and at the end (async, keep-last-N);
   * preemption: SIGTERM (a scheduler's preemption notice) to any process ends the run after the current step:
     every process saves a checkpoint at the same step N, logs "preempted at step N, checkpoint saved in ..." and
@@ -39,6 +51,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -51,6 +64,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxalign.configs.base import save_resolved_config
+from jaxalign.data.prefetch import Prefetcher
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.metrics import MetricWriter
 from jaxalign.train.progress import TrainProgress
@@ -59,6 +73,7 @@ from jaxalign.train.state import TrainState
 PyTree = Any
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143
+ITERATOR_STATE = "data_iterator_state"  # the checkpoint extra's key of the batch iterators' states
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -133,14 +148,16 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
           log_every: int = 10, checkpoint_every: int = 100, keep: int = 3, config: Any = None,
           eval_fn: Callable[[TrainState], dict[str, float]] | None = None, eval_every: int | None = None,
           checkpoint_trainable_mask: PyTree | None = None, examples_per_step: int | None = None,
-          async_checkpoints: bool = True, progress: bool | None = None) -> TrainResult:
+          async_checkpoints: bool = True, progress: bool | None = None, prefetch: int = 0) -> TrainResult:
     """Runs (or resumes) training until `state.step == total_steps`.
 
     Args:
       state: a freshly initialised state, already placed on the mesh; also the restore target (its shardings,
         and its frozen params when `checkpoint_trainable_mask` is set).
       train_step: jitted `(state, batch) -> (state, metrics)` with a scalar 'loss' in metrics.
-      batch_iterator_factory: `start_step -> iterator of global batches` starting at batch `start_step`.
+      batch_iterator_factory: `start_step -> iterator of global batches` starting at batch `start_step`; if
+        its iterators have a `state` property (JSON-able), it is also called as `(start_step, start_state=...)`
+        with a state saved at `start_step` (see the module docstring).
       total_steps: number of updates of the whole run.
       workdir: run directory (config.json, metrics.jsonl, tensorboard/, checkpoints/).
       log_every: metrics are written and kept in the history every this many steps (and at the last one).
@@ -152,6 +169,9 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
       examples_per_step: global batch size, for the examples/s throughput shown and logged.
       async_checkpoints: save in the background (waited for before returning or raising).
       progress: show a progress bar (None: only on a terminal).
+      prefetch: batches prepared ahead on a background thread (0, the default: none, the iterator runs in this
+        thread, in step with the loop). The iterator must not run collectives across processes when prefetched
+        (see `jaxalign.data.prefetch`); the trainers pass 2.
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite.
@@ -168,12 +188,18 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
 
     # --- resume ------------------------------------------------------------------------------------------------
     restored = checkpointer.restore_latest(state)
+    iterator_state = None
     if restored is not None:
         state, extra = restored
         log.info("resumed from %s at step %d (checkpoint extras: %s)", checkpoint_dir, int(state.step),
                  sorted(extra))
+        iterator_state = _own_iterator_state(extra.get(ITERATOR_STATE))
     start_step = int(state.step)
-    batches = batch_iterator_factory(start_step)
+    if iterator_state is not None:
+        batches = batch_iterator_factory(start_step, start_state=iterator_state)
+    else:
+        batches = batch_iterator_factory(start_step)
+    resumable = _has_state(batches)
 
     # --- observability -----------------------------------------------------------------------------------------
     writer = MetricWriter(workdir)
@@ -187,12 +213,18 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
 
     def save_checkpoint(step: int, force: bool = False) -> None:
         extra = {"step": step, "next_batch_index": step}
+        if resumable:
+            extra[ITERATOR_STATE] = _gathered_iterator_state(batches.state)
         if config is not None:
             extra["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         checkpointer.save(step, state, extra=_json_safe(extra), force=force)
 
     # --- loop --------------------------------------------------------------------------------------------------
     preemption = _PreemptionNotice()
+    if prefetch:  # after the SIGTERM handler is in place: the thread starts reading at once
+        batches = Prefetcher(batches, prefetch)
+    pending: list[tuple[int, dict]] = []  # (step, metrics still on the device) since the last pull
+    last_loss: float | None = None
     try:
         for step in range(start_step + 1, total_steps + 1):
             try:
@@ -201,24 +233,33 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
                 raise RuntimeError(
                     f"the batch iterator ran out before step {step} of {total_steps}; make "
                     "batch_iterator_factory yield at least total_steps batches (repeat epochs)") from None
-            new_state, metrics = train_step(state, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                checkpointer.wait()
-                raise NonFiniteLossError(step, {k: float(v) for k, v in metrics.items()},
-                                         checkpointer.latest_step(), checkpoint_dir)
-            state = new_state
-            bar.update(step, loss)
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            logging_step = step % log_every == 0 or step == total_steps
+            evaluating = eval_fn is not None and eval_every and step % eval_every == 0 and step != total_steps
+            checkpointing = step % checkpoint_every == 0 or step == total_steps
+            preempted = preemption.reached(step) and step != total_steps
 
-            if step % log_every == 0 or step == total_steps:
-                record = {name: float(value) for name, value in metrics.items()}
-                writer.write(step, record)
-                history.append({"step": step, **record})
-            if eval_fn is not None and eval_every and step % eval_every == 0 and step != total_steps:
+            if logging_step or evaluating or checkpointing or preempted:
+                # The one host synchronisation: every pending step's metrics in one transfer, checked before
+                # anything logs, evaluates or saves the state they led to.
+                pulled = _pull_metrics([device_metrics for _, device_metrics in pending])
+                for pending_step, record in zip([s for s, _ in pending], pulled):
+                    if not math.isfinite(record["loss"]):
+                        checkpointer.wait()
+                        raise NonFiniteLossError(pending_step, record, checkpointer.latest_step(), checkpoint_dir)
+                pending, record = [], pulled[-1]
+                last_loss = record["loss"]
+                if logging_step:
+                    writer.write(step, record)
+                    history.append({"step": step, **record})
+            bar.update(step, last_loss)
+
+            if evaluating:
                 eval_and_log(step)
-            if step % checkpoint_every == 0 or step == total_steps:
+            if checkpointing:
                 save_checkpoint(step)
-            if preemption.reached(step) and step != total_steps:
+            if preempted:
                 if step % checkpoint_every != 0:
                     save_checkpoint(step, force=True)
                 checkpointer.wait()
@@ -230,11 +271,56 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
         if eval_fn is not None and int(state.step) == total_steps:
             eval_and_log(total_steps)
     finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
         preemption.close()
         bar.close()
         writer.close()
         checkpointer.close()
     return TrainResult(state=state, history=history)
+
+
+def _pull_metrics(metrics: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The steps' device metrics as floats, copied to the host in one transfer (the loop's only per-interval
+    synchronisation; tests count its calls)."""
+    return [{name: float(value) for name, value in step_metrics.items()}
+            for step_metrics in jax.device_get(metrics)]
+
+
+def _has_state(iterator: Any) -> bool:
+    try:
+        iterator.state
+    except AttributeError:
+        return False
+    return True
+
+
+def _gathered_iterator_state(local_state: Any) -> dict[str, Any]:
+    """{'process_count', 'processes': [the state of each process's iterator]} (the extra is written by one
+    process only, so every process's state goes into it). Called by every process at the same step."""
+    if jax.process_count() == 1:
+        return {"process_count": 1, "processes": [local_state]}
+    encoded = np.frombuffer(json.dumps(local_state).encode("utf-8"), dtype=np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([encoded.size], dtype=np.int32))
+    padded = np.zeros(int(np.max(lengths)), dtype=np.uint8)
+    padded[:encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    return {"process_count": jax.process_count(),
+            "processes": [json.loads(bytes(row[:int(length)]).decode("utf-8"))
+                          for row, length in zip(gathered, np.ravel(lengths))]}
+
+
+def _own_iterator_state(saved: Any) -> Any:
+    """This process's iterator state from a checkpoint's extra, or None (replay from the step) when there is
+    none or it was saved by another number of processes."""
+    if not isinstance(saved, dict) or "processes" not in saved:
+        return None
+    if saved.get("process_count") != jax.process_count():
+        log.warning("the checkpoint's data iterator state is from %s processes, this run has %d: the iterator "
+                    "replays the steps before the checkpoint instead", saved.get("process_count"),
+                    jax.process_count())
+        return None
+    return saved["processes"][jax.process_index()]
 
 
 def _json_safe(value: Any) -> Any:
