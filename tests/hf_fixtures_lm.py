@@ -43,6 +43,18 @@ def hf_config(family: str):
     return config_class(**sizes, **FAMILY_CONFIGS[family])
 
 
+def randomise_parameters(model) -> None:
+    """Non-trivial values everywhere (Hugging Face initialises biases to zero and norms to one)."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
+            else:
+                parameter.normal_(0.0, 0.15)
+
+
 @functools.lru_cache(maxsize=None)
 def hf_model(family: str):
     """(snapshot folder, torch model in eval mode) of a tiny random `family` LM."""
@@ -51,12 +63,7 @@ def hf_model(family: str):
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "phi": 2}[family])
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
-            else:
-                parameter.normal_(0.0, 0.15)
+    randomise_parameters(model)
     model.eval()
     folder = f"{_ROOT}/{family}"
     model.save_pretrained(folder, safe_serialization=True)

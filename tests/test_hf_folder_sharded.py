@@ -29,18 +29,6 @@ MESHES = {"fsdp8": (1, 8, 1), "data2_fsdp4": (2, 4, 1), "fsdp2_tensor4": (1, 2, 
 MODULES = {"qwen2": hf_lm, "siglip": hf_vision, "clip": hf_vision}
 
 
-def _randomise(model) -> None:
-    """Non-trivial values everywhere (Hugging Face initialises biases to zero and norms to one)."""
-    import torch
-
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
-            else:
-                parameter.normal_(0.0, 0.15)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[tuple[str, str], str]:
     """{(tower, stored dtype): snapshot folder}: a tiny Qwen2 (untied head, q/k/v biases), a tiny full SigLIP
@@ -59,7 +47,7 @@ def folders(tmp_path_factory) -> dict[tuple[str, str], str]:
         patch_size=8, projection_dim=16))
     folders = {}
     for tower, model in models.items():
-        _randomise(model)
+        fx.randomise_parameters(model)
         folders[tower, "float32"] = str(root / f"{tower}_float32")
         model.eval().save_pretrained(folders[tower, "float32"], safe_serialization=True)
         folders[tower, "bfloat16"] = str(root / f"{tower}_bfloat16")
