@@ -58,7 +58,7 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
     logging.basicConfig(level=logging.WARNING)
     from jaxalign.clutrr import solver
     from jaxalign.configs.base import load_config
-    from jaxalign.distill import trainer
+    from jaxalign.programs import clutrr_trainer as trainer
 
     started = time.time()
     job_dir = os.path.join(out, dataset, f"seed{seed}")
@@ -177,7 +177,7 @@ def path_only_ceiling(rows) -> float:
 
 def ceilings(dataset: str) -> dict[str, float]:
     """`path_only_ceiling` of each test file of a released data set."""
-    from jaxalign.distill import trainer
+    from jaxalign.programs import clutrr_trainer as trainer
     return {name: path_only_ceiling(rows) for name, rows in trainer.read_test_files([_zip(dataset)]).items()}
 
 

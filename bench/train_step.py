@@ -74,7 +74,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from jaxalign import sharding  # noqa: E402
-from jaxalign.align import memory_keys, setup, update_step  # noqa: E402
+from jaxalign.align import memory_keys, update_step  # noqa: E402
+from jaxalign.programs import tinyalign_setup as setup  # noqa: E402
 from jaxalign.align import model as model_lib  # noqa: E402
 from jaxalign.configs import tinyalign_qwen2  # noqa: E402
 from jaxalign.data.chat_templates import IMAGE_TOKEN_ID  # noqa: E402

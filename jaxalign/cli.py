@@ -1,10 +1,12 @@
-"""The `jaxalign` command line.
+"""The `jaxalign` command line: the one entry point of every run.
 
-Each feature keeps its subcommands next to its code, in a module with one function
-`add_commands(subparsers)` that adds its parsers and sets `func` (called with the parsed args, returns an exit
-code). This file only collects them, so `jaxalign --help` lists every command and importing one feature never
-imports another. Command modules import their heavy dependencies
-inside the command functions, so `jaxalign --help` stays fast.
+Layout: the library (models, memory, align, distill, clutrr, data, train, io, evaluate, configs) holds no
+command-line code; `jaxalign.programs` wires the library into whole runs (the trainers, the demo, where a run
+starts); `jaxalign.commands` holds one module per group of subcommands, each with `add_commands(subparsers)`
+that adds its parsers and sets `func` (called with the parsed args, returns an exit code). This file collects
+them, so `jaxalign --help` lists every command, and calls `jaxalign.programs.startup.start()` (join the
+launcher's processes, logging, compilation cache) before running one. Command modules import their heavy
+dependencies inside the command functions where they can, so `jaxalign --help` stays fast.
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import argparse
 import importlib
 import sys
 
+from jaxalign.commands.common import CONFIG_OVERRIDE_PREFIX
+
 COMMAND_MODULES = (
-    "jaxalign.io.commands",          # hf-verify, hf-export
-    "jaxalign.memory.commands",      # build-memory, search-memory
-    "jaxalign.clutrr.commands",      # clutrr generate / solve / train-teacher / distill / eval
-    "jaxalign.align.commands",       # train, eval, demo
+    "jaxalign.commands.hf",          # hf-verify, hf-export
+    "jaxalign.commands.memory",      # build-memory, search-memory
+    "jaxalign.commands.clutrr",      # clutrr generate / solve / train-teacher / distill / eval
+    "jaxalign.commands.align",       # train, eval
+    "jaxalign.commands.demo",        # demo
 )
 
 
@@ -30,20 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)
-    return parser
-
-
-CONFIG_OVERRIDE_PREFIX = "--config."
-
-
-def add_config_command(subparsers: argparse._SubParsersAction, name: str, func, summary: str, description: str, *,
-                       config_help: str, override_help: str, workdir_help: str) -> argparse.ArgumentParser:
-    """Adds a command that runs from an ml_collections config: `--config FILE[:variant] --workdir DIR` plus any
-    `--config.a.b=value` overrides (collected by `main` into `args.overrides`)."""
-    parser = subparsers.add_parser(name, help=summary, description=description, epilog=override_help)
-    parser.add_argument("--config", required=True, help=config_help)
-    parser.add_argument("--workdir", required=True, help=workdir_help)
-    parser.set_defaults(func=func, overrides=[], accepts_config_overrides=True)
     return parser
 
 
@@ -66,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # The one place a run starts: join the launcher's processes (if any) before anything touches the devices.
-    from jaxalign import distributed
+    # The one place a run starts: join the launcher's processes (if any) before anything touches the devices,
+    # then logging and the compilation cache.
+    from jaxalign.programs import startup
 
-    distributed.initialize_from_environment()
+    startup.start()
     return int(args.func(args) or 0)
 
 

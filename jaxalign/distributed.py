@@ -7,12 +7,16 @@ and tells it how to find the coordinator, either through the standard cluster en
   JAXALIGN_COORDINATOR   host:port of process 0
   JAXALIGN_NUM_PROCESSES number of processes
   JAXALIGN_PROCESS_ID    this process's index
-  JAXALIGN_DISTRIBUTED   '1' to initialise from the cluster environment when the three above are unset
+  JAXALIGN_DISTRIBUTED   '1' to initialise from the cluster environment when the three above are unset,
+                         '0' never to initialise (one process per task on purpose)
   JAXALIGN_HEARTBEAT_TIMEOUT  seconds without a heartbeat after which the others give up on a dead process
                          (JAX's default, 100, when unset)
 
-Every `jaxalign` command calls `initialize_from_environment()` first (`jaxalign.cli.main`), so a launcher only
-sets the environment and the program joins the cluster itself.
+Every `jaxalign` command calls `initialize_from_environment()` first (through `jaxalign.programs.startup.start`,
+called by `jaxalign.cli.main`), so a launcher only sets the environment and the program joins the cluster itself.
+Without the variables above, a SLURM step with several tasks (`SLURM_STEP_NUM_TASKS` > 1, i.e. under `srun`) and
+a TPU slice with several hosts (`TPU_WORKER_HOSTNAMES` lists more than one) are joined automatically, since
+there a lone process per task or host is never what was meant.
 
 `initialize_from_environment()` does nothing when none is set, so single-host runs need no flags.
 """
@@ -46,10 +50,22 @@ def initialize_from_environment() -> bool:
                                    num_processes=int(os.environ[_ENV_NUM_PROCESSES]),
                                    process_id=int(os.environ[_ENV_PROCESS_ID]), **timeouts)
         return True
-    if os.environ.get(_ENV_AUTO) == "1":
+    auto = os.environ.get(_ENV_AUTO)
+    if auto == "1" or (auto != "0" and cluster_detected()):
         jax.distributed.initialize(**timeouts)  # TPU VM pods and SLURM are detected by JAX itself
         return True
     return False
+
+
+def cluster_detected(environ: dict[str, str] | None = None) -> str | None:
+    """'slurm' or 'tpu' when the environment is one of several tasks / hosts of one job, else None."""
+    environ = os.environ if environ is None else environ
+    if int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        return "slurm"
+    hosts = [host for host in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if host.strip()]
+    if len(hosts) > 1:
+        return "tpu"
+    return None
 
 
 def is_main_process() -> bool:

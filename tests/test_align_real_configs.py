@@ -17,7 +17,8 @@ import pytest
 
 import hf_fixtures_vlm as fixtures
 from jaxalign import cli
-from jaxalign.align import memory_keys, setup
+from jaxalign.align import memory_keys
+from jaxalign.programs import tinyalign_setup as setup
 from jaxalign.configs.base import load_config
 from jaxalign.data import chat_templates
 from jaxalign.data.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image, ImageDraw
 
-from jaxalign.align import trainer
+from jaxalign.programs import tinyalign_trainer as trainer
 from jaxalign.configs.base import load_config
 from jaxalign.data import pipeline
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.align import demo, pretrain_towers
+from jaxalign import cli
+from jaxalign.programs import demo, pretrain_towers
 from jaxalign.evaluate import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,10 +106,10 @@ def quick_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out, cache = str(root / "out"), str(root / "cache")
     argv = ["--out", out, "--quick", "--cache", cache]
-    assert demo.main(argv) == 0
+    assert cli.main(["demo"] + argv) == 0
     with open(os.path.join(out, "results.json")) as f:
         first = json.load(f)
-    assert demo.main(argv) == 0
+    assert cli.main(["demo"] + argv) == 0
     with open(os.path.join(out, "results.json")) as f:
         second = json.load(f)
     return out, cache, first, second

@@ -11,7 +11,8 @@ import pytest
 from jaxalign import sharding as sharding_lib
 from jaxalign.clutrr import generator
 from jaxalign.configs.base import load_config
-from jaxalign.distill import clutrr_batches, evaluate, losses, trainer
+from jaxalign.distill import clutrr_batches, evaluate, losses, objectives
+from jaxalign.programs import clutrr_trainer as trainer
 from jaxalign.models import gnn, layers, text_encoders
 from jaxalign.train import step as step_lib
 
@@ -128,7 +129,7 @@ def _loss(setup, alpha, beta):
     config, student_config_, teacher, _, params, batch = setup
     distill = config.distill.copy_and_resolve_references()
     distill.alpha, distill.beta = alpha, beta
-    loss_fn = trainer.student_loss_fn(student_config_, teacher.config, distill)
+    loss_fn = objectives.student_loss_fn(student_config_, teacher.config, distill)
     return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
 
 
@@ -156,7 +157,7 @@ def test_entity_and_relational_terms_against_a_reference(distill_setup):
         losses.fitnets_spec(student_config_.state_dim, teacher.config.hidden), jax.random.PRNGKey(2))))
     distill = config.distill.copy_and_resolve_references()
     distill.alpha, distill.beta, distill.entity_weight, distill.rkd_weight = 0.0, 0.0, 2.0, 0.5
-    loss_fn = trainer.student_loss_fn(student_config_, teacher.config, distill)
+    loss_fn = objectives.student_loss_fn(student_config_, teacher.config, distill)
     (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
 
     student = text_encoders.apply(params["student"], batch["text"], student_config_)
@@ -187,7 +188,7 @@ def test_teacher_params_stay_bitwise_unchanged_during_distillation(distill_setup
     optimizer, mask, schedule = trainer._optimizer(config, params, frozen_prefixes=("teacher",))
     state, shardings = trainer._place_state(params, layers.logical_axes(specs), optimizer, mesh, 0)
     before = jax.tree.map(np.asarray, jax.device_get(state.params))
-    loss_fn = trainer.student_loss_fn(student_config_, teacher.config, config.distill)
+    loss_fn = objectives.student_loss_fn(student_config_, teacher.config, config.distill)
     train_step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, optimizer, mask), mesh, shardings,
                                          sharding_lib.batch_sharding(mesh, 1))
     for _ in range(2):
@@ -204,4 +205,4 @@ def test_teacher_params_stay_bitwise_unchanged_during_distillation(distill_setup
 def test_distillation_without_a_teacher_is_a_clear_error(distill_setup):
     config, student_config_, _, _, _, _ = distill_setup
     with pytest.raises(ValueError, match="teacher"):
-        trainer.student_loss_fn(student_config_, None, config.distill)
+        objectives.student_loss_fn(student_config_, None, config.distill)

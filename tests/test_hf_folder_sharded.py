@@ -19,7 +19,7 @@ import pytest
 import hf_fixtures_lm as fx
 import hf_fixtures_vlm as vlm_fx
 from jaxalign import sharding
-from jaxalign.align import setup
+from jaxalign.programs import tinyalign_setup as setup
 from jaxalign.io import hf_folder, hf_lm, hf_vision
 from jaxalign.io.hf_folder import CheckpointFormatError
 from jaxalign.models import decoder, vit

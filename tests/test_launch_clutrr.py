@@ -139,7 +139,7 @@ def test_process_zero_writes_the_files_once(runs):
 
 def test_one_process_holds_the_whole_batch_and_a_batch_the_devices_do_not_divide_is_refused(eight_devices):
     from jaxalign import sharding
-    from jaxalign.distill import trainer
+    from jaxalign.programs import clutrr_trainer as trainer
 
     mesh = sharding.make_mesh((-1, 1, 1))
     assert trainer.process_rows(16, mesh) == range(0, 16)

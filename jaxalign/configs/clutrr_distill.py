@@ -1,4 +1,4 @@
-"""CLUTRR text student with structured distillation (jaxalign.distill.trainer.train_student).
+"""CLUTRR text student with structured distillation (jaxalign.programs.clutrr_trainer.train_student).
 
     jaxalign clutrr distill --config jaxalign/configs/clutrr_distill.py --workdir runs/clutrr_student_kd_nce \
         --config.distill.teacher_workdir=runs/clutrr_teacher

@@ -1,4 +1,4 @@
-"""CLUTRR GNN teacher pretraining (jaxalign.distill.trainer.train_teacher).
+"""CLUTRR GNN teacher pretraining (jaxalign.programs.clutrr_trainer.train_teacher).
 
     jaxalign clutrr train-teacher --config jaxalign/configs/clutrr_teacher.py --workdir runs/clutrr_teacher
     jaxalign clutrr train-teacher --config jaxalign/configs/clutrr_teacher.py:quick --workdir /tmp/teacher \

@@ -6,7 +6,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field a TinyAlign run reads (`jaxalign.align.trainer`), with neutral defaults."""
+    """Every field a TinyAlign run reads (`jaxalign.programs.tinyalign_trainer`), with neutral defaults."""
     c = ml_collections.ConfigDict()
     c.stage = 1                    # 1: connectors only; 2: connectors + LM (train.trainable overrides)
     c.seed = 0                     # connector init, data order and the step keys

@@ -1,6 +1,6 @@
 """Saved CLUTRR models and their accuracy per test file, noise task and path length k.
 
-A trainer (`jaxalign.distill.trainer`) ends by writing its model to `<workdir>/model/`:
+A trainer (`jaxalign.programs.clutrr_trainer`) ends by writing its model to `<workdir>/model/`:
 
   model.json   {"role": "teacher" | "student", "model_config": {...}, "labels": vocabulary,
                 "edge_types": vocabulary (teacher), "words": vocabulary (student), "max_length": ...}

@@ -4,7 +4,7 @@ Scoring is exact match after the normalisation of the official VQA evaluation (l
 removed except inside numbers, number words to digits, articles dropped, common contractions restored,
 whitespace collapsed), against the single reference answer of each question (easy-vqa and LLaVA-format data
 carry one answer). Generation is the caller's function (`generate_fn(batch) -> tokens [B, T]`, e.g.
-`jaxalign.align.trainer`'s, which runs the retrieval once at prefill and then decodes with the KV cache); this
+`jaxalign.programs.tinyalign_trainer`'s, which runs the retrieval once at prefill and then decodes with the KV cache); this
 module decodes and scores, so it also serves any other VLM.
 
 Public API:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxalign import sharding
 from jaxalign.memory import bank as bank_lib, knn

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxalign import cli
+from jaxalign.commands import common
 
 _CONFIG_HELP = ("config file and optional variant, e.g. jaxalign/configs/clutrr_distill.py:variant=kd,quick "
                 "(the file's docstring lists its variants)")
@@ -33,7 +33,7 @@ def _summary(result: dict) -> dict:
 
 def _train_teacher(args: argparse.Namespace) -> int:
     from jaxalign.configs.base import load_config
-    from jaxalign.distill import trainer
+    from jaxalign.programs import clutrr_trainer as trainer
 
     result = trainer.train_teacher(load_config(args.config, args.overrides), args.workdir)
     print(json.dumps(_summary(result), indent=1, default=str))
@@ -42,7 +42,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from jaxalign.configs.base import load_config
-    from jaxalign.distill import trainer
+    from jaxalign.programs import clutrr_trainer as trainer
 
     result = trainer.train_student(load_config(args.config, args.overrides), args.workdir)
     print(json.dumps(_summary(result), indent=1, default=str))
@@ -89,7 +89,7 @@ def add_training_commands(clutrr_subparsers: argparse._SubParsersAction) -> None
          "beta * contrastive (InfoNCE) alignment to a frozen teacher (--config.distill.teacher_workdir; "
          "alpha = beta = 0 trains the student alone), then evaluates it on the config's test files."),
     ):
-        cli.add_config_command(clutrr_subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
+        common.add_config_command(clutrr_subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
                                override_help=_OVERRIDE_HELP, workdir_help="run directory (checkpoints, metrics, model/)")
 
     evaluate = clutrr_subparsers.add_parser(

@@ -46,9 +46,10 @@ from jaxalign.data.image_ops import SIGLIP_MEAN, SIGLIP_STD, preprocess_image
 from jaxalign.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_word_level_tokenizer
 from jaxalign.io import hf_lm, hf_vision
 from jaxalign.models import decoder, vit
+from jaxalign.programs import startup
 from jaxalign.train.optimizer import adamw, warmup_cosine_schedule
 
-CACHE_ENV = "JAXALIGN_CACHE"
+CACHE_ENV = startup.CACHE_ENV
 FORMAT_VERSION = 2  # bump when the pretraining code changes what it produces for the same settings
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
@@ -121,7 +122,7 @@ class PretrainedTowers:
 
 def default_cache_root() -> str:
     """$JAXALIGN_CACHE, else ~/.cache/jaxalign."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jaxalign")
+    return startup.cache_root()
 
 
 def _package_version(name: str) -> str:

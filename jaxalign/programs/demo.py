@@ -2,17 +2,17 @@
 
 What it runs, top to bottom:
 
-1. **Towers** (`jaxalign.align.pretrain_towers`): a tiny SigLIP-style ViT and a tiny Llama-family LM pretrained
+1. **Towers** (`jaxalign.programs.pretrain_towers`): a tiny SigLIP-style ViT and a tiny Llama-family LM pretrained
    on easy-vqa by the demo itself (nothing can be downloaded), cached under `~/.cache/jaxalign/demo_towers`
    ($JAXALIGN_CACHE), so a second demo skips it. They are frozen from then on, as real towers would be.
 2. **Three methods**, each with its own stage 1 (captions; connectors trained, LM frozen) and then stage 2
    (questions; connectors and LM trained) with 100% and with 40% of the demo's stage-2 data:
    - `baseline`: retrieval off, the TinyLLaVA recipe;
    - `tinyalign`: TinyAlign's default mode (masked query, leave-one-out search, neighbours' answer tokens as
-     values, see `jaxalign.align.trainer` and `jaxalign.align.memory_keys`);
+     values, see `jaxalign.programs.tinyalign_trainer` and `jaxalign.align.memory_keys`);
    - `shuffled`: TinyAlign with the retrieved values taken from a fixed random permutation of the bank rows:
      as many extra tokens, no information about the query (separates a retrieval benefit from "more tokens").
-   Every run is `jaxalign.align.trainer.train_and_evaluate` with the tiny config `jaxalign/configs/
+   Every run is `jaxalign.programs.tinyalign_trainer.train_and_evaluate` with the tiny config `jaxalign/configs/
    tinyalign_tiny.py` pointed at the cached towers.
 3. **Report**: a table (final training loss, eval loss, VQA accuracy overall and per question type), DIR/results.json,
    DIR/loss_curves.png (stage 2, one line per run), DIR/stage1_loss_curves.png and DIR/accuracy.png.
@@ -26,23 +26,23 @@ gives the same numbers; finished runs found in DIR with an identical config are 
 
 Public API:
   DemoSettings, demo_settings(quick=False), run_all(out, settings, cache_root=None) -> results dict,
-  format_table(results) -> str, add_demo_arguments(parser), run_demo(args) -> exit code
+  format_table(results) -> str, run_distillation(out, seed) -> results, format_distillation_table(results) -> str
+
+The command (`jaxalign demo`, options and printing) is `jaxalign.commands.demo`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import time
 from typing import Any
 
-from jaxalign.align import pretrain_towers
-from jaxalign.align.pretrain_towers import TowerPretrainConfig
+from jaxalign.programs import pretrain_towers
+from jaxalign.programs.pretrain_towers import TowerPretrainConfig
 
 TRAIN_QUESTIONS_TOTAL = 38575  # questions in the easy-vqa training split (package data, fixed)
 TEST_QUESTIONS_TOTAL = 9673
@@ -141,7 +141,7 @@ def stage_config(settings: DemoSettings, towers: pretrain_towers.PretrainedTower
 # ================================================================================================ runs
 def _run_stage(config, workdir: str, fresh: bool) -> tuple[dict, bool]:
     """(results, reused): `train_and_evaluate` in `workdir`, or the results of an identical finished run there."""
-    from jaxalign.align import trainer
+    from jaxalign.programs import tinyalign_trainer as trainer
 
     marker = os.path.join(workdir, "demo_run.json")
     wanted = json.loads(config.to_json_best_effort())
@@ -302,38 +302,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ================================================================================================ command
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the `jaxalign demo` options to `parser` and sets `func=run_demo`."""
-    parser.add_argument("--out", required=True, help="output folder: results.json, PNG plots and every run's "
-                        "workdir (runs/<method>/stage1, stage2_100, stage2_40)")
-    parser.add_argument("--quick", action="store_true", help="a few steps of everything: a smoke test whose numbers "
-                        "mean nothing (its time goes to compiling the programs, which later runs take from the "
-                        "persistent compilation cache)")
-    parser.add_argument("--cache", default=None, help="cache root for the pretrained demo towers (default "
-                        "$JAXALIGN_CACHE or ~/.cache/jaxalign)")
-    parser.add_argument("--fresh", action="store_true", help="rerun finished runs found in --out instead of "
-                        "reusing them (the towers stay cached; delete the cache folder to pretrain them again)")
-    parser.add_argument("--train-questions", type=int, default=None, help="stage-2 training questions at 100%% "
-                        "(default 3000 of 38,575)")
-    parser.add_argument("--eval-questions", type=int, default=None, help="test questions scored (default 1000 of "
-                        "9,673)")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps at 100%% of the data "
-                        "(default 200; a fraction f trains f times as many)")
-    parser.add_argument("--eval-loss", action="store_true", help="also report the loss on the test questions")
-    parser.add_argument("--distillation", choices=("auto", "on", "off"), default="auto", help="also run the small "
-                        "CLUTRR structured-distillation job on generated data (GNN teacher, BiLSTM student alone "
-                        "and with KD + contrastive; about a minute); 'auto' runs it except with --quick")
-    parser.set_defaults(func=run_demo)
-
-
 def run_distillation(out: str, seed: int = 0) -> dict:
-    """The distillation half of the demo: `jaxalign.distill.trainer.run_quick_distillation` into OUT/clutrr.
+    """The distillation half of the demo: `jaxalign.programs.clutrr_trainer.run_quick_distillation` into OUT/clutrr.
 
     Returns its results ({'teacher' | 'student_alone' | 'student_kd_contrastive': {'test_accuracy': ...}}),
     also written to OUT/clutrr/results.json.
     """
-    from jaxalign.distill import trainer as distill_trainer
+    from jaxalign.programs import clutrr_trainer as distill_trainer
 
     print("\n=== CLUTRR structured distillation on generated data ===", flush=True)
     results = distill_trainer.run_quick_distillation(os.path.join(out, "clutrr"), seed=seed)
@@ -352,56 +327,3 @@ def format_distillation_table(results: dict) -> str:
         lines.append(f"{name:<22}" + "".join(f"{_cell(results[model]['test_accuracy'].get(name)):>24}"
                                             for model in models))
     return "\n".join(lines)
-
-
-def _enable_compilation_cache(cache_root: str | None) -> None:
-    """Persistent XLA compilation cache: a second demo (and the 40% runs, same programs) skip compiling."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return  # the caller (e.g. the test suite) chose one already
-    folder = os.path.join(cache_root or pretrain_towers.default_cache_root(), "jax_compilation_cache")
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """The `jaxalign demo` command: runs everything, prints the table, writes results and plots."""
-    settings = demo_settings(quick=args.quick)
-    overrides = {name: value for name, value in (("train_questions", args.train_questions),
-                                                 ("eval_questions", args.eval_questions),
-                                                 ("stage2_steps", args.stage2_steps)) if value is not None}
-    if args.eval_loss:
-        overrides["eval_loss"] = True
-    settings = dataclasses.replace(settings, **overrides)
-    if not 0 < settings.train_questions <= TRAIN_QUESTIONS_TOTAL:
-        print(f"--train-questions must be in 1..{TRAIN_QUESTIONS_TOTAL}", file=sys.stderr)
-        return 2
-    if not 0 < settings.eval_questions <= TEST_QUESTIONS_TOTAL:
-        print(f"--eval-questions must be in 1..{TEST_QUESTIONS_TOTAL}", file=sys.stderr)
-        return 2
-    _enable_compilation_cache(args.cache)
-    results = run_all(args.out, settings, args.cache, fresh=args.fresh)
-    distillation = None
-    if args.distillation == "on" or (args.distillation == "auto" and not args.quick):
-        distillation = run_distillation(args.out)
-    print("\n" + format_table(results))
-    if distillation is not None:
-        print("\n" + format_distillation_table(distillation))
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(
-        os.path.basename(path) for path in results["plots"].values()))
-    print(f"demo wall time {results['wall_seconds']} s (towers {results['towers']['seconds']} s, "
-          f"{'reused from the cache' if results['towers']['reused'] else 'pretrained'}); load average "
-          f"{results['environment']['load_average']}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxalign demo", description=__doc__.split("\n\n")[0])
-    add_demo_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

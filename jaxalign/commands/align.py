@@ -12,10 +12,9 @@ Both print a JSON summary on stdout (the full results are in <workdir>/results.j
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
-from jaxalign import cli
+from jaxalign.commands import common
 
 _CONFIG_HELP = ("config file and optional variant, e.g. jaxalign/configs/tinyalign_tiny.py:stage=2,retrieval=off "
                 "(the file's docstring lists its variants)")
@@ -46,7 +45,7 @@ def _summary(results: dict) -> dict:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from jaxalign.align import trainer
+    from jaxalign.programs import tinyalign_trainer as trainer
 
     results = trainer.train_and_evaluate(_load(args), args.workdir)
     print(json.dumps(_summary(results), indent=1, default=str))
@@ -54,7 +53,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from jaxalign.align import trainer
+    from jaxalign.programs import tinyalign_trainer as trainer
 
     results = trainer.evaluate_checkpoint(_load(args), args.workdir)
     print(json.dumps({"workdir": results["workdir"], "restored_params": results["restored_params"],
@@ -74,14 +73,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
          "perplexity and VQA accuracy per question type (greedy generation with the KV cache, retrieval at "
          "prefill). Prints a JSON summary."),
     ):
-        cli.add_config_command(subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
+        common.add_config_command(subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
                                override_help=_OVERRIDE_HELP, workdir_help="run directory (checkpoints, metrics, results)")
-    # `jaxalign demo` lives in its own module (jaxalign/align/demo.py); it is offered when that module exists.
-    if importlib.util.find_spec("jaxalign.align.demo") is not None:
-        from jaxalign.align import demo
-
-        parser = subparsers.add_parser(
-            "demo", help="the README's demo: TinyLLaVA baseline vs TinyAlign vs shuffled values on easy-vqa",
-            description=(demo.__doc__ or "").split("\n\n")[0],
-            formatter_class=argparse.RawDescriptionHelpFormatter)
-        demo.add_demo_arguments(parser)

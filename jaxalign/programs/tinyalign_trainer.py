@@ -1,7 +1,7 @@
 """TinyAlign training stages and evaluation: `train_and_evaluate(config, workdir) -> results`.
 
 One linear run, read top to bottom (big_vision style): logging, mesh, input, model, memory bank (assembled by
-`jaxalign.align.setup.build_run`), optimizer, update step, training loop (resume, checkpoints, metrics, NaN
+`jaxalign.programs.tinyalign_setup.build_run`), optimizer, update step, training loop (resume, checkpoints, metrics, NaN
 stop: `jaxalign.train.loop`), evaluation. The config files are `jaxalign/configs/tinyalign_*.py`; their
 docstrings hold the commands.
 
@@ -17,7 +17,7 @@ Public API:
   train_and_evaluate(config, workdir) -> results dict (also written to workdir/results.json)
   evaluate_checkpoint(config, workdir) -> results dict of the latest checkpoint (no training)
   make_evaluator(run) -> evaluate(params, progress=None) -> {loss, perplexity, num_tokens, vqa, vqa_accuracy}
-The setup helpers live in `jaxalign.align.setup` and are re-exported here under their names (data_sources,
+The setup helpers live in `jaxalign.programs.tinyalign_setup` and are re-exported here under their names (data_sources,
 load_tokenizer, load_towers, model_config, freeze_rules, tokenizer_corpus, read_checkpoint_params,
 overwrite_params, stop_token_ids, STAGE_TRAINABLE).
 
@@ -44,7 +44,7 @@ from jaxalign import sharding
 from jaxalign.align import loss as loss_lib
 from jaxalign.align import model as model_lib
 from jaxalign.align import update_step
-from jaxalign.align.setup import (  # noqa: F401  (re-exported: the trainer's public names before the split)
+from jaxalign.programs.tinyalign_setup import (  # noqa: F401  (re-exported: the trainer's public names before the split)
     STAGE_TRAINABLE, Run, build_run, data_sources, freeze_rules, load_tokenizer, load_towers, model_config,
     overwrite_params, perceiver_config, read_checkpoint_params, stop_token_ids, tokenizer_corpus, trainable_parts)
 from jaxalign.data import pipeline

@@ -1,17 +1,13 @@
-"""`jaxalign clutrr ...` commands: generate a data set, solve a CSV with the symbolic solver.
-
-Training commands (train-teacher, distill, eval) live with their trainers: each module of
-``TRAINING_COMMAND_MODULES`` that exists has ``add_training_commands(clutrr_subparsers)``, which adds its parsers
-under the same ``clutrr`` parser (``add_clutrr_parser`` makes that parser and returns its subparsers).
-"""
+"""`jaxalign clutrr ...` commands: generate a data set, solve a CSV with the symbolic solver; the training commands
+(train-teacher, distill, eval) are added from `jaxalign.commands.clutrr_training` under the same parser."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 
-TRAINING_COMMAND_MODULES = ("jaxalign.clutrr.training_commands", "jaxalign.distill.clutrr_commands")
+from jaxalign.commands import clutrr_training
+
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,12 +77,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     solve.add_argument("--skip-bad", action="store_true", help="skip malformed rows (counted in the output)")
     solve.set_defaults(func=_solve)
 
-    for name in TRAINING_COMMAND_MODULES:
-        try:
-            training = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:  # a real missing dependency inside the module: say so
-                raise
-            continue
-        training.add_training_commands(clutrr_subparsers)
-
+    clutrr_training.add_training_commands(clutrr_subparsers)
