@@ -166,9 +166,12 @@ def test_resume_after_an_interruption_is_exact(folders, stage1, stage2, monkeypa
     reads = DataReads(monkeypatch)
     results = trainer.train_and_evaluate(config, resumed)
     assert results["memory"]["reused"] is True and results["steps"] == 4
-    # The data position came from the checkpoint (one state per shard): nothing of steps 0-1 was read again.
-    saved = read_extra(workdir, 2)["data_iterator_state"]["processes"][0]
-    assert reads.restored == saved and len(saved) == 8 and all(state["step"] == 2 for state in saved)
+    # The data position came from the checkpoint (one state per data shard, keyed by the shard's number):
+    # nothing of steps 0-1 was read again.
+    saved = read_extra(workdir, 2)["data_iterator_state"]["processes"][0]["shards"]
+    assert sorted(saved, key=int) == [str(shard) for shard in range(8)]
+    assert reads.restored == [saved[str(shard)] for shard in range(8)]
+    assert all(state["step"] == 2 for state in saved.values())
     assert reads.replayed_steps == 0 and reads.before_first_batch == 0
     assert results["loss_history"] == [entry for entry in straight_results["loss_history"] if entry[0] > 2]
     straight, again = read_checkpoint(workdir, 4), read_checkpoint(resumed, 4)

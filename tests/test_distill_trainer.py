@@ -12,7 +12,7 @@ from jaxalign import sharding as sharding_lib
 from jaxalign.clutrr import generator
 from jaxalign.configs.base import load_config
 from jaxalign.distill import clutrr_batches, evaluate, losses, objectives
-from jaxalign.programs import clutrr_trainer as trainer
+from jaxalign.programs import clutrr_trainer as trainer, training
 from jaxalign.models import gnn, layers, text_encoders
 from jaxalign.train import step as step_lib
 
@@ -185,8 +185,9 @@ def test_entity_and_relational_terms_against_a_reference(distill_setup):
 def test_teacher_params_stay_bitwise_unchanged_during_distillation(distill_setup, eight_devices):
     config, student_config_, teacher, specs, params, batch = distill_setup
     mesh = sharding_lib.make_mesh((2, 4, 1))
-    optimizer, mask, schedule = trainer._optimizer(config, params, frozen_prefixes=("teacher",))
-    state, shardings = trainer._place_state(params, layers.logical_axes(specs), optimizer, mesh, 0)
+    rules, _ = trainer.freeze_rules(config, frozen_prefixes=("teacher",))
+    setup = training.setup_training(params, layers.logical_axes(specs), rules, mesh, 0)
+    state, shardings, optimizer, mask = setup.state, setup.shardings, setup.optimizer, setup.mask
     before = jax.tree.map(np.asarray, jax.device_get(state.params))
     loss_fn = objectives.student_loss_fn(student_config_, teacher.config, config.distill)
     train_step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, optimizer, mask), mesh, shardings,

@@ -139,12 +139,12 @@ def test_process_zero_writes_the_files_once(runs):
 
 def test_one_process_holds_the_whole_batch_and_a_batch_the_devices_do_not_divide_is_refused(eight_devices):
     from jaxalign import sharding
-    from jaxalign.programs import clutrr_trainer as trainer
+    from jaxalign.programs import training
 
     mesh = sharding.make_mesh((-1, 1, 1))
-    assert trainer.process_rows(16, mesh) == range(0, 16)
+    assert training.process_rows(16, mesh) == range(0, 16)
     with pytest.raises(ValueError, match="batch_size=12"):
-        trainer.process_rows(12, mesh)
+        training.process_rows(12, mesh)
 
 
 def test_a_rows_anonymisation_does_not_depend_on_the_rows_featurised_with_it():

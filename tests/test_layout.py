@@ -11,7 +11,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxalign"
 LIBRARY = ("models", "memory", "align", "distill", "clutrr", "data", "train", "io", "evaluate", "configs",
-           "sharding", "distributed")
+           "sharding", "distributed", "paths")
 ENTRY = ("jaxalign.commands", "jaxalign.cli")
 PROGRAMS = ("jaxalign.programs",)
 

@@ -258,3 +258,16 @@ def test_non_finite_loss_between_log_steps_stops_at_the_next_log_step(engine, tm
     assert len(steps) == 10 and pulls == [5, 5]     # found at the pull of step 10, naming the step it came from
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [5]
+
+
+def test_shard_keyed_iterator_states_merge_over_processes_and_per_process_ones_need_the_same_count():
+    from jaxalign.train.loop import _own_iterator_state
+
+    saved = {"process_count": 2, "processes": [{"shards": {"0": {"i": 3}, "1": {"i": 4}}},
+                                               {"shards": {"2": {"i": 5}, "3": {"i": 6}}}]}
+    # One process now (the test session): it gets every shard's state, whoever saved it.
+    assert _own_iterator_state(saved) == {"shards": {"0": {"i": 3}, "1": {"i": 4}, "2": {"i": 5}, "3": {"i": 6}}}
+    # Per-process states only make sense for the process count that saved them.
+    assert _own_iterator_state({"process_count": 2, "processes": [{"next_index": 5}, {"next_index": 7}]}) is None
+    assert _own_iterator_state({"process_count": 1, "processes": [{"next_index": 5}]}) == {"next_index": 5}
+    assert _own_iterator_state(None) is None

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from jaxalign.align import value_encoders
@@ -135,8 +135,7 @@ def load_or_build_bank(directory: str, fingerprint: str, build: Callable[[], ban
 
     Returns (bank, info) with info {'path', 'reused', 'count', 'key_dim'}.
     """
-    manifest_path = os.path.join(directory, store.MANIFEST)
-    if os.path.isfile(manifest_path):
+    if (epath.Path(directory) / store.MANIFEST).is_file():  # also a gs:// directory
         manifest = store.read_manifest(directory)
         if manifest["encoder_fingerprint"] == fingerprint:
             bank = store.load_bank(directory, mesh=mesh, fingerprint=fingerprint)

@@ -20,7 +20,7 @@ from jaxalign import sharding
 from jaxalign.align import loss as loss_lib
 from jaxalign.align import memory_keys
 from jaxalign.align.model import TinyAlignConfig
-from jaxalign.train.step import make_train_step
+from jaxalign.train.step import jit_train_step, make_train_step
 
 PyTree = Any
 
@@ -42,7 +42,6 @@ def jit_update_step(step: Callable, state_shardings: PyTree, mesh: Mesh,
                     memory: memory_keys.RetrievalMemory | None) -> Callable:
     """`jax.jit` of `step` with the state's shardings, batch rows over every mesh axis, the bank as it is laid out
     (arrays or `jax.ShapeDtypeStruct`s with shardings), replicated metrics; the state is donated. The step is
-    traced in `mesh` (`jaxalign.sharding.trace_in_mesh`)."""
+    traced in `mesh` (`jaxalign.train.step.jit_train_step`)."""
     memory_shardings = jax.tree.map(lambda leaf: leaf.sharding, memory)
-    return jax.jit(sharding.trace_in_mesh(step, mesh), in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1), memory_shardings),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return jit_train_step(step, mesh, state_shardings, sharding.batch_sharding(mesh, 1), (memory_shardings,))

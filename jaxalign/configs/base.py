@@ -29,6 +29,7 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
+from etils import epath
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -141,15 +142,19 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
     return config
 
 
-def save_resolved_config(config: ConfigDict | dict, workdir: str) -> str:
-    """Writes the config as `<workdir>/config.json` (best-effort for non-JSON values) and returns the path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+def save_resolved_config(config: ConfigDict | dict, workdir: str | os.PathLike) -> str:
+    """Writes the config as `<workdir>/config.json` (best-effort for non-JSON values) and returns the path.
+
+    `workdir` may be local or a `gs://` / `s3://` URI (written through `etils.epath`, never rewritten).
+    """
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
     if isinstance(config, ConfigDict):
         text = config.to_json_best_effort(indent=2, sort_keys=True)
     else:
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.write(text + "\n")
-    os.replace(path + ".tmp", path)  # never leave a half-written config next to the checkpoints
-    return path
+    staged = folder / "config.json.tmp"
+    staged.write_text(text + "\n")
+    staged.replace(path)  # never leave a half-written config next to the checkpoints
+    return os.fspath(path)

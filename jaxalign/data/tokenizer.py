@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
+from etils import epath
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -63,11 +64,13 @@ class Tokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
     ) -> "Tokenizer":
-        """Loads a `tokenizer.json` file; the special tokens are given by name since the file does not say them."""
-        if not os.path.isfile(path):
+        """Loads a `tokenizer.json` file (local or gs://); the special tokens are given by name since the file does
+        not say them."""
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found (expected a Hugging Face tokenizer.json)")
         try:
-            backend = tokenizers.Tokenizer.from_file(path)
+            # read here rather than by `Tokenizer.from_file`, which only opens local files
+            backend = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())
         except Exception as error:  # the Rust side raises a bare Exception for malformed files
             raise ValueError(f"{path}: not a valid tokenizer.json ({error})") from error
         return cls(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, source=path)
@@ -80,21 +83,21 @@ class Tokenizer:
         then `special_tokens_map.json`, then the ids in `generation_config.json` (first source that names a token
         wins).
         """
-        if not os.path.isdir(folder):
+        if not epath.Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: not a folder (expected a Hugging Face snapshot folder)")
-        path = os.path.join(folder, TOKENIZER_FILE)
-        if not os.path.isfile(path):
+        path = os.fspath(epath.Path(folder) / TOKENIZER_FILE)
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(
                 f"{path}: missing; jaxalign reads the fast-tokenizer file {TOKENIZER_FILE} (a folder with only a "
                 "sentencepiece tokenizer.model must first be converted, e.g. by saving it once with transformers)")
         backend = cls.from_file(path).backend
         special: dict[str, str | None] = {"bos": None, "eos": None, "pad": None}
         for file_name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
-            config = _read_json_if_present(os.path.join(folder, file_name))
+            config = _read_json_if_present(epath.Path(folder) / file_name)
             for role in special:
                 if special[role] is None:
                     special[role] = _token_content(config.get(f"{role}_token"))
-        generation = _read_json_if_present(os.path.join(folder, GENERATION_CONFIG_FILE))
+        generation = _read_json_if_present(epath.Path(folder) / GENERATION_CONFIG_FILE)
         for role in special:
             if special[role] is None:
                 token_id = generation.get(f"{role}_token_id")
@@ -108,22 +111,22 @@ class Tokenizer:
         return cls(backend, bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"],
                    source=folder)
 
-    def save(self, path: str) -> None:
-        """Writes the `tokenizer.json` file (special-token names are not part of it: see `save_folder`)."""
-        self.backend.save(path)
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the `tokenizer.json` file, local or gs:// (special-token names are not part of it: see
+        `save_folder`)."""
+        epath.Path(path).write_text(self.backend.to_str(pretty=True))  # what `backend.save(path)` writes locally
 
-    def save_folder(self, folder: str) -> None:
+    def save_folder(self, folder: str | os.PathLike) -> None:
         """Writes `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` in the Hugging Face
         layout, so that `Tokenizer.from_folder` and `transformers.AutoTokenizer` load it with its special tokens."""
-        os.makedirs(folder, exist_ok=True)
-        self.save(os.path.join(folder, TOKENIZER_FILE))
+        folder = epath.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save(folder / TOKENIZER_FILE)
         special = {f"{role}_token": token for role, token in
                    (("bos", self.bos_token), ("eos", self.eos_token), ("pad", self.pad_token)) if token is not None}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.adds_bos, **special}
-        with open(os.path.join(folder, TOKENIZER_CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
-        with open(os.path.join(folder, SPECIAL_TOKENS_MAP_FILE), "w") as f:
-            json.dump(special, f, indent=2)
+        (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (folder / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special, indent=2))
 
     # ------------------------------------------------------------------------------------------ conversion
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -209,12 +212,11 @@ def _post_processor_specials(backend: tokenizers.Tokenizer) -> tuple[list[int], 
     return list(encoding.ids[:prefix]), list(encoding.ids[suffix_start:])
 
 
-def _read_json_if_present(path: str) -> dict:
-    if not os.path.isfile(path):
+def _read_json_if_present(path: epath.Path) -> dict:
+    if not path.is_file():
         return {}
     try:
-        with open(path) as f:
-            content = json.load(f)
+        content = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(content, dict):

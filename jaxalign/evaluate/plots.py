@@ -1,7 +1,7 @@
 """PNG plots of training runs: loss curves and an accuracy bar chart (matplotlib, Agg backend, no display).
 
 Used by `jaxalign demo` and the notebooks. Both functions take plain data (lists of (step, loss) pairs and
-accuracies in [0, 1]), so they plot any run, not only TinyAlign's.
+accuracies in [0, 1]), so they plot any run, not only TinyAlign's. `path` may be local or a gs:// / s3:// URI.
 
 Public API:
   plot_loss_curves(curves, path, title=..., smooth=1) -> path
@@ -10,11 +10,13 @@ Public API:
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Mapping, Sequence
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # files only: works on headless machines and inside test processes
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
@@ -114,9 +116,12 @@ def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: str,
 
 
 def _save(figure, path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    destination = epath.Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    # Rendered in memory, then written through epath: matplotlib itself only writes local files.
+    image = io.BytesIO()
+    figure.savefig(image, dpi=110, format=os.path.splitext(path)[1][1:].lower() or None)
     plt.close(figure)
+    destination.write_bytes(image.getvalue())
     return path

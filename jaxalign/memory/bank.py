@@ -91,6 +91,12 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+@jax.jit
+def _count_real_rows(ids: jax.Array) -> jax.Array:
+    """Rows whose id is not the padding id -1 (a replicated scalar, whatever the ids' sharding)."""
+    return jnp.sum(ids >= 0)
+
+
 def _check_values(values: PyTree, rows: int, what: str) -> PyTree:
     for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]:
         if np.ndim(leaf) < 1 or np.shape(leaf)[0] != rows:
@@ -164,8 +170,8 @@ class MemoryBank:
 
     @property
     def size(self) -> int:
-        """Number of real rows (reads the ids back to the host; not for use inside jit)."""
-        return int(self.host_ids().shape[0])
+        """Number of real rows: a count on the devices (no host gathers the ids); not for use inside jit."""
+        return int(_count_real_rows(self.ids))
 
     # --------------------------------------------------------------------------------------------------- search
     def search(self, queries: jax.Array, k: int, *, metric: str | None = None, method: str = "auto",

@@ -16,6 +16,10 @@ checksums go to process 0, which writes the manifest once every shard is written
 temporary sibling and renamed into place, so a crash never leaves a half-written bank under the final name (on
 several processes the folder must be on a file system they all see).
 
+Folders may be local or `gs://` / `s3://` URIs: every file goes through `etils.epath`. On an object store a rename
+copies each object, so there the swap into place is not atomic (a crash mid-rename leaves a partial folder, which
+the manifest's checksums then refuse to load).
+
 Loading puts the bank on any mesh, whatever the number of processes or devices that saved it: each process
 reads only the rows its devices hold, from whichever shard files contain them, after checking those files' size
 and sha256 (a damaged file is refused, naming it, on every process). Version 1 folders (keys.bin, ids.bin and
@@ -26,19 +30,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import re
-import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxalign import sharding
+from jaxalign import paths, sharding
 from jaxalign.memory import bank as bank_lib
 
 PyTree = Any
@@ -71,9 +75,9 @@ def encoder_fingerprint(name: str, params: PyTree = None, config: Any = None) ->
     return f"{name}:{digest.hexdigest()[:16]}"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: epath.Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -109,14 +113,26 @@ def _rebuild(structure: Any, arrays: dict[str, np.ndarray]) -> PyTree:
     return arrays[structure["array"]]
 
 
-def _write_array(path: Path, array: np.ndarray) -> dict:
+def _file_size(path: epath.Path) -> int:
+    # Seeking to the end works on every epath backend; `stat()` of a local file also looks up its owner's name.
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        return handle.tell()
+
+
+def _write_array(path: epath.Path, array: np.ndarray) -> dict:
     """Writes raw bytes, flushed to disk; returns the manifest entry (shape, dtype, bytes, sha256)."""
     array = np.ascontiguousarray(array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
+    with path.open("wb") as handle:
         handle.write(array.tobytes())
         handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            descriptor = handle.fileno()
+        except (AttributeError, OSError):  # an object store's file: written for good when closed
+            descriptor = None
+        if descriptor is not None:
+            os.fsync(descriptor)
     return {"shape": list(array.shape), "dtype": array.dtype.name, "bytes": array.nbytes, "sha256": _sha256(path)}
 
 
@@ -140,20 +156,20 @@ def _local_blocks(array: jax.Array) -> dict[int, np.ndarray]:
 
 
 def save_bank(bank: bank_lib.MemoryBank, directory: str | os.PathLike, *, fingerprint: str,
-              extra: dict | None = None) -> Path:
+              extra: dict | None = None) -> pathlib.Path | epath.Path:
     """Writes `bank` (real rows only) to `directory`, replacing it atomically if it exists. Collective: every
     process calls it and writes the shards its devices hold; process 0 writes the manifest.
 
     Args:
       bank: the bank to save.
-      directory: destination folder (on a file system every process sees).
+      directory: destination folder (on a file system every process sees, or a gs:// URI).
       fingerprint: `encoder_fingerprint(...)` of the encoder that made the keys (any string for keys from
         elsewhere); `load_bank` compares it.
       extra: JSON-serialisable notes stored in the manifest (dataset name, date ...).
     Returns:
-      The folder written.
+      The folder written: a `pathlib.Path` for a local folder, an `epath.Path` for an object-store URI.
     """
-    directory = Path(directory)
+    directory = epath.Path(directory)
     arrays = {"keys.bin": bank.keys, "ids.bin": bank.ids}
     structure = _structure(bank.values, "", arrays)
     token = uuid.uuid4().hex[:8]
@@ -188,20 +204,20 @@ def save_bank(bank: bank_lib.MemoryBank, directory: str | os.PathLike, *, finger
                 retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
                 directory.rename(retired)
                 staging.rename(directory)
-                shutil.rmtree(retired)
+                retired.rmtree()
             else:
                 staging.rename(directory)
     finally:
         if jax.process_index() == 0 and staging.exists():
-            shutil.rmtree(staging)
+            staging.rmtree()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"memory bank saved to {directory}")
-    return directory
+    return directory if paths.is_remote(directory) else pathlib.Path(directory)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of a saved bank, with a clear error when it is missing or not a bank's manifest."""
-    path = Path(directory) / MANIFEST
+    path = epath.Path(directory) / MANIFEST
     if not path.is_file():
         raise MemoryBankFileError(f"{path} not found: {directory} is not a saved memory bank (save one with "
                                   f"save_bank or `jaxalign build-memory`)")
@@ -230,7 +246,7 @@ def load_bank(directory: str | os.PathLike, *, mesh: Mesh | None = None, fingerp
       MemoryBankFileError: missing manifest or file, fingerprint or dimension mismatch, or a file whose size
         or sha256 differs from the manifest (truncated or corrupted).
     """
-    directory = Path(directory)
+    directory = epath.Path(directory)
     manifest = read_manifest(directory)
     if fingerprint is not None and manifest["encoder_fingerprint"] != fingerprint:
         raise MemoryBankFileError(
@@ -270,9 +286,9 @@ def load_bank(directory: str | os.PathLike, *, mesh: Mesh | None = None, fingerp
             for piece in needed:
                 start, end = max(first, piece["row_start"]), min(stop, piece["row_start"] + piece["rows"])
                 if start < end:
-                    rows = np.fromfile(directory / piece["prefix"] / name, dtype=dtype,
-                                       count=(end - start) * row_bytes // dtype.itemsize,
-                                       offset=(start - piece["row_start"]) * row_bytes)
+                    with (directory / piece["prefix"] / name).open("rb") as handle:
+                        handle.seek((start - piece["row_start"]) * row_bytes)
+                        rows = np.frombuffer(handle.read((end - start) * row_bytes), dtype=dtype)
                     block[start - first:end - first] = rows.reshape((end - start,) + row_shape)
             blocks.append(jax.device_put(block, device))
         return jax.make_array_from_single_device_arrays((capacity,) + row_shape,
@@ -293,13 +309,13 @@ def _pieces(manifest: dict) -> list[dict]:
              "files": entry["files"]} for entry in manifest["shards"]]
 
 
-def _check_piece(directory: Path, piece: dict, manifest: dict) -> None:
+def _check_piece(directory: epath.Path, piece: dict, manifest: dict) -> None:
     """Refuses a saved shard whose files are missing, of the wrong size or shape, or whose sha256 differs."""
     for name, entry in piece["files"].items():
         path = directory / piece["prefix"] / name
         if not path.is_file():
             raise MemoryBankFileError(f"{path} is missing (listed in {MANIFEST}); the bank is incomplete")
-        size = path.stat().st_size
+        size = _file_size(path)
         if size != entry["bytes"]:
             raise MemoryBankFileError(f"{path} is truncated or padded: {size} bytes, the manifest says "
                                       f"{entry['bytes']}; the bank is damaged, rebuild or re-copy it")
@@ -311,7 +327,7 @@ def _check_piece(directory: Path, piece: dict, manifest: dict) -> None:
                                       f"damaged, rebuild or re-copy it")
 
 
-def _raise_on_every_process(error: MemoryBankFileError | None, directory: Path) -> None:
+def _raise_on_every_process(error: MemoryBankFileError | None, directory: epath.Path) -> None:
     """Raises `error` here, and an error on the other processes too, so that none goes on to wait for it."""
     if jax.process_count() > 1:
         failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)

@@ -3,13 +3,9 @@
     train_teacher(config, workdir)  # GNN over the story graphs (edge types = relations)
     train_student(config, workdir)  # BiLSTM / transformer over anonymised stories, with CE + KD + contrastive
 
-Student loss (Dong, Rondeau and Hamilton, "Distilling Structured Knowledge for Text-Based Relational
-Reasoning", EMNLP 2020, as reconstructed in CLUTRR_DISTILL.md):
-
-    CE(label) + alpha * tau^2 * KL(teacher_tau || student_tau) + beta * InfoNCE(head_s(student latent),
-                                                                               head_t(teacher latent); temperature)
-      [+ entity_weight * FitNets(W @ student entity states, GNN node states)   (entity-level alignment, optional)
-       + rkd_weight * (RKD distance + RKD angle)(student latent, teacher latent)]   (relational KD, optional)
+The losses (CE + alpha * tau^2 KD + beta * InfoNCE [+ entity FitNets + relational KD]) are
+`jaxalign.distill.objectives`; what both trainers share with TinyAlign's (state on the mesh, timed jitted step,
+loop, per-process rows, process-0 outputs) is `jaxalign.programs.training`.
 
 The teacher is loaded from its run's `model/` folder and frozen by a freeze rule (`('teacher/.*', None)`): no
 gradient, no optimizer state, not re-saved in checkpoints. The projection heads (and the FitNets regressor of
@@ -17,7 +13,7 @@ the entity term) train with the student and are dropped at test time. With every
 alone (no teacher is loaded). The entity term compares, per story, the mean student state over each person's
 mentions with that person's GNN node state, over the people the (possibly truncated) story mentions.
 
-Both trainers run on `jaxalign.train` (a (data, fsdp, tensor) mesh, sharded state, orbax checkpoints with exact
+Both trainers run on `jaxalign.train` through `jaxalign.programs.training` (a (data, fsdp, tensor) mesh, sharded state, orbax checkpoints with exact
 resume, metrics.jsonl, a progress bar, config.json) with static shapes: graphs padded to
 `data.max_nodes` / `data.max_edges`, stories to `data.train_max_length` tokens (truncations counted and
 reported). A run ends by writing `<workdir>/model/` (see `jaxalign.distill.evaluate`) and `<workdir>/eval.json`
@@ -32,16 +28,13 @@ record `process_count` and `device_count`.
 Public API:
   read_rows(spec) -> rows ('file.csv', 'data.zip:member.csv')
   read_test_files(specs) -> {file name: rows} ('data.zip' alone means every *_test.csv in it)
-  student_loss_fn(student_config, teacher_config, distill) -> loss_fn(params, batch, rng)
-  teacher_loss_fn(teacher_config) -> loss_fn(params, batch, rng)
-  process_rows(batch_size, mesh) -> range (the block of each global batch this process featurises)
+  freeze_rules(config, frozen_prefixes=()) -> (rules, schedule)
   teacher_model_config(config) -> GNNConfig;  student_model_config(config, vocab_size, max_nodes) -> TextEncoderConfig
   train_teacher(config, workdir, rows=None) -> summary dict;  train_student(config, workdir, rows=None) -> summary dict
   run_quick_distillation(out_dir, seed=0) -> summary dict (generated data, teacher, student, student+KD+NCE)
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -58,7 +51,8 @@ from jaxalign.distill import clutrr_batches, heads, losses
 from jaxalign.distill import evaluate as evaluation
 from jaxalign.distill.objectives import distill_weights, needs_teacher, student_loss_fn, teacher_loss_fn
 from jaxalign.models import gnn, layers, text_encoders
-from jaxalign.train import loop, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from jaxalign.programs import training
+from jaxalign.train import loop, optimizer as optimizer_lib, step as step_lib
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -121,86 +115,46 @@ def _epoch_batches(num_rows: int, batch_size: int, seed: int, start_step: int) -
         step += 1
 
 
-def process_rows(batch_size: int, mesh) -> range:
-    """The rows of a global batch of `batch_size` that this process's devices hold: one contiguous block.
-
-    A process featurises only these rows; `sharding.global_batch` joins the blocks of all processes in order.
-    """
-    if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch_size={batch_size} is not a multiple of the {mesh.shape['data'] * mesh.shape['fsdp']}"
-                         " devices of the mesh's data and fsdp axes; pick a batch_size they divide")
-    indices = sharding_lib.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
-    blocks = sorted({index[0].indices(batch_size)[:2] for index in indices.values()})
-    if any(stop != next_start for (_, stop), (next_start, _) in zip(blocks, blocks[1:])):
-        raise ValueError(f"process {jax.process_index()} holds rows {blocks} of the batch, not one contiguous block; "
-                         "build the mesh with each process's devices next to each other (sharding.make_mesh does)")
-    return range(blocks[0][0], blocks[-1][1])
-
-
-def _on_mesh(batch: PyTree, mesh) -> PyTree:
-    return sharding_lib.global_batch(batch, mesh)
-
-
-def _to_host(tree: PyTree) -> PyTree:
-    """NumPy copies of global arrays; a leaf sharded over processes is gathered (all processes must call it)."""
-    from jax.experimental import multihost_utils
-
-    def to_host(leaf):
-        if leaf.is_fully_addressable or leaf.is_fully_replicated:    # the same answer on every process
-            return np.asarray(jax.device_get(leaf))
-        return multihost_utils.process_allgather(leaf, tiled=True)
-    return jax.tree.map(to_host, tree)
-
-
 # -------------------------------------------------------------------------------------------- shared setup
 
 
-def _optimizer(config: ml_collections.ConfigDict, params: PyTree, frozen_prefixes: Sequence[str] = ()):
+def freeze_rules(config: ml_collections.ConfigDict, frozen_prefixes: Sequence[str] = ()) -> tuple[list, Any]:
+    """([(regex, transformation or None)], schedule): `frozen_prefixes` frozen, AdamW with warm-up and cosine
+    decay on everything else."""
     schedule = optimizer_lib.warmup_cosine_schedule(config.lr, config.steps, warmup_ratio=config.warmup_ratio)
     rules = [(f"{prefix}/.*", None) for prefix in frozen_prefixes]
     rules.append((".*", optimizer_lib.adamw(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)))
-    return optimizer_lib.build_optimizer(params, rules), optimizer_lib.trainable_mask(params, rules), schedule
+    return rules, schedule
 
 
-def _place_state(params: PyTree, axes: PyTree, optimizer, mesh, seed: int):
-    params = sharding_lib.shard_params(params, axes, mesh)
-    state = state_lib.create_train_state(params, optimizer, jax.random.PRNGKey(seed))
-    shardings = state_lib.state_shardings(state, axes, mesh)
-    return jax.device_put(state, shardings), shardings
-
-
-def _run(config, workdir, state, shardings, mesh, loss_fn, optimizer, mask, schedule, batches_from,
-         batch_size: int) -> loop.TrainResult:
-    train_step = step_lib.make_train_step(loss_fn, optimizer, mask, accum_steps=config.train.accum_steps,
-                                          learning_rate_fn=schedule)
-    train_step = step_lib.jit_train_step(train_step, mesh, shardings, sharding_lib.batch_sharding(mesh, 1))
-    return loop.train(state=state, train_step=train_step, batch_iterator_factory=batches_from,
-                      total_steps=config.steps, workdir=workdir, log_every=config.train.log_every,
-                      checkpoint_every=config.train.checkpoint_every, keep=config.train.keep, config=config,
-                      checkpoint_trainable_mask=mask, examples_per_step=batch_size,
-                      async_checkpoints=config.train.async_checkpoints, progress=config.train.progress,
-                      # The batch order is a pure function of the step (`_epoch_batches`): resuming at a step
-                      # replays nothing, so the iterators need no saved state; featurising overlaps the step.
-                      prefetch=2)
+def _train(config, workdir: str, setup: training.Training, loss_fn, schedule, batches_from
+           ) -> tuple[loop.TrainResult, dict]:
+    """The loop of either trainer; returns its result and the step's timing (seconds_per_step, compile_seconds)."""
+    step = setup.jit_step(step_lib.make_train_step(loss_fn, setup.optimizer, setup.mask,
+                                                   accum_steps=config.train.accum_steps, learning_rate_fn=schedule),
+                          time_every=config.train.log_every)
+    settings = training.LoopSettings(
+        log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every, keep=config.train.keep,
+        async_checkpoints=config.train.async_checkpoints, progress=config.train.progress,
+        # The batch order is a pure function of the step (`_epoch_batches`): resuming at a step replays nothing,
+        # on any number of processes, so the iterators need no saved state; featurising overlaps the step.
+        prefetch=2)
+    result = training.run_loop(setup, step, batches_from, config.steps, workdir, config, settings,
+                               examples_per_step=config.batch_size)
+    return result, {"seconds_per_step": step.seconds_per_step, "compile_seconds": step.compile_seconds}
 
 
 def _evaluate_and_save(model: evaluation.SavedModel, config, workdir: str, extra: dict) -> dict:
     """Exports the model and writes eval.json (process 0); every process evaluates its share of the test rows."""
     if distributed.is_main_process():
         evaluation.save_model(os.path.join(workdir, "model"), model)
-    summary = dict(extra, process_count=jax.process_count(), device_count=jax.device_count())
+    summary = dict(extra, **training.where_it_ran())
     if config.data.test:
         files = read_test_files(list(config.data.test))
         summary["test"] = evaluation.evaluate_files(model, files, batch_size=config.eval_batch_size)
         summary["test_accuracy"] = {name: report["accuracy"] for name, report in summary["test"].items()}
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as stream:
-            json.dump(summary, stream, indent=1)
+    training.write_json(workdir, "eval.json", summary)
     return summary
-
-
-def _mesh(config):
-    return sharding_lib.make_mesh(tuple(config.mesh))
 
 
 # ------------------------------------------------------------------------------------------------ teacher
@@ -230,27 +184,28 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     rows = evaluation.graph_rows(rows if rows is not None else read_rows(config.data.train))
     labels, edge_types = clutrr_batches.label_vocabulary(), evaluation.teacher_edge_vocabulary()
     model_config = teacher_model_config(config)
-    mesh = _mesh(config)
+    mesh = training.make_mesh(config.mesh)
 
     specs = gnn.param_specs(model_config)
     params = layers.init_params(specs, jax.random.PRNGKey(config.seed))
-    optimizer, mask, schedule = _optimizer(config, params)
-    state, shardings = _place_state(params, layers.logical_axes(specs), optimizer, mesh, config.seed)
+    rules, schedule = freeze_rules(config)
+    setup = training.setup_training(params, layers.logical_axes(specs), rules, mesh, config.seed)
 
-    rows_here = process_rows(config.batch_size, mesh)
+    rows_here = training.process_rows(config.batch_size, mesh)
 
     def batches_from(start_step: int) -> Iterator[PyTree]:
         for _, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
             batch = clutrr_batches.graph_batch([rows[i] for i in indices[rows_here.start:rows_here.stop]], labels,
                                                edge_types, model_config.max_nodes, model_config.max_edges)
-            yield _on_mesh(batch, mesh)
+            yield sharding_lib.global_batch(batch, mesh)
 
-    result = _run(config, workdir, state, shardings, mesh, teacher_loss_fn(model_config), optimizer, mask,
-                  schedule, batches_from, config.batch_size)
-    model = evaluation.SavedModel("teacher", model_config, _to_host(result.state.params), labels, edge_types)
+    result, timing = _train(config, workdir, setup, teacher_loss_fn(model_config), schedule, batches_from)
+    model = evaluation.SavedModel("teacher", model_config, training.host_copy(result.state.params), labels,
+                                  edge_types)
     return _evaluate_and_save(model, config, workdir, {
         "workdir": workdir, "role": "teacher", "steps": int(result.state.step),
-        "train_seconds": time.time() - started, "final_metrics": result.history[-1] if result.history else {}})
+        "train_seconds": time.time() - started, **timing,
+        "final_metrics": result.history[-1] if result.history else {}})
 
 
 # ------------------------------------------------------------------------------------------------ student
@@ -293,7 +248,7 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
         raise ValueError(f"data.train_max_length={config.data.train_max_length} exceeds data.eval_max_length="
                          f"{model_config.max_length} (the transformer's position table); raise eval_max_length")
     graph_rows = evaluation.graph_rows(rows) if teacher else None
-    mesh = _mesh(config)
+    mesh = training.make_mesh(config.mesh)
 
     # --- model, heads and frozen teacher ----------------------------------------------------------------------
     key_student, key_heads = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -307,12 +262,12 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
         params["heads"] = layers.init_params(specs["heads"], key_heads)
         specs["teacher"] = gnn.param_specs(teacher.config)
         params["teacher"] = jax.tree.map(jnp.asarray, teacher.params)
-    optimizer, mask, schedule = _optimizer(config, params, frozen_prefixes=("teacher",) if teacher else ())
-    state, shardings = _place_state(params, layers.logical_axes(specs), optimizer, mesh, config.seed)
+    rules, schedule = freeze_rules(config, frozen_prefixes=("teacher",) if teacher else ())
+    setup = training.setup_training(params, layers.logical_axes(specs), rules, mesh, config.seed)
 
     # --- data: each row anonymised by (seed, step, its place in the global batch), so a resumed run, or one
     # over any number of processes (each featurising its block of rows), sees the same stories -----------------
-    rows_here = process_rows(config.batch_size, mesh)
+    rows_here = training.process_rows(config.batch_size, mesh)
 
     def batches_from(start_step: int) -> Iterator[PyTree]:
         for step, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
@@ -324,23 +279,22 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
                 batch["graph"] = clutrr_batches.graph_batch([graph_rows[i] for i in indices], labels,
                                                             teacher.edge_types, teacher.config.max_nodes,
                                                             teacher.config.max_edges)
-            yield _on_mesh(batch, mesh)
+            yield sharding_lib.global_batch(batch, mesh)
 
     loss_fn = student_loss_fn(model_config, teacher.config if teacher else None, config.distill)
-    result = _run(config, workdir, state, shardings, mesh, loss_fn, optimizer, mask, schedule, batches_from,
-                  config.batch_size)
+    result, timing = _train(config, workdir, setup, loss_fn, schedule, batches_from)
     truncated = sum(len(clutrr_batches.tokenize(clutrr_batches.anonymise(row.story, np.random.default_rng(0),
                                                                           config.data.entity_slots)[0]))
                     > config.data.train_max_length for row in rows)
     if truncated:
         log.warning("%d of %d training stories are longer than data.train_max_length=%d tokens and were "
                     "truncated", truncated, len(rows), config.data.train_max_length)
-    student_params = _to_host(result.state.params["student"])
+    student_params = training.host_copy(result.state.params["student"])
     model = evaluation.SavedModel("student", model_config, student_params, labels, words=words,
                                   max_length=config.data.eval_max_length)
     return _evaluate_and_save(model, config, workdir, {
         "workdir": workdir, "role": "student", "steps": int(result.state.step),
-        "train_seconds": time.time() - started, "train_stories_truncated": int(truncated),
+        "train_seconds": time.time() - started, **timing, "train_stories_truncated": int(truncated),
         "train_rows": len(rows), "distill": config.distill.to_dict(),
         "final_metrics": result.history[-1] if result.history else {}})
 

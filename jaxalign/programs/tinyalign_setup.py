@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from jaxalign import sharding
+from jaxalign import paths, sharding
 from jaxalign.align import memory_keys
 from jaxalign.align import model as model_lib
 from jaxalign.align import value_encoders
@@ -156,10 +157,10 @@ def load_tokenizer(config: ConfigDict, workdir: str, sources: dict) -> Tokenizer
     model = config.model
     if model.source == "hf":
         return Tokenizer.from_folder(model.lm_folder)
-    for folder in (os.path.join(workdir, "tokenizer"),
-                   os.path.join(model.init_from, "tokenizer") if model.init_from else ""):
-        if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            return Tokenizer.from_folder(folder)
+    for folder in (epath.Path(workdir) / "tokenizer",
+                   epath.Path(model.init_from) / "tokenizer" if model.init_from else None):
+        if folder is not None and (folder / "tokenizer.json").exists():
+            return Tokenizer.from_folder(os.fspath(folder))
     # Every template's marker tokens and words are in the vocabulary, so stage 2 can switch templates.
     specials = ("<pad>", "<unk>", "<s>", "</s>") + tuple(dict.fromkeys(
         token for template in chat_templates.TEMPLATES.values() for token in template.required_tokens))
@@ -170,7 +171,7 @@ def load_tokenizer(config: ConfigDict, workdir: str, sources: dict) -> Tokenizer
     if jax.process_count() > 1:
         _check_same_on_every_process(tokenizer.backend.to_str(), "the word-level tokenizer")
     if jax.process_index() == 0:
-        tokenizer.save_folder(os.path.join(workdir, "tokenizer"))
+        tokenizer.save_folder(os.fspath(epath.Path(workdir) / "tokenizer"))
     return tokenizer
 
 
@@ -274,7 +275,7 @@ def perceiver_config(config: ConfigDict, cfg: model_lib.TinyAlignConfig) -> valu
 def read_checkpoint_params(workdir: str) -> dict[str, np.ndarray]:
     """{'connector/dense_0/kernel': array, ...}: the params saved in the latest checkpoint of a run (only its
     trainable ones: frozen towers are never saved)."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    directory = paths.orbax_directory(epath.Path(workdir) / "checkpoints")
     manager = ocp.CheckpointManager(directory, item_names=("state", "extra"), item_handlers={
         "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
@@ -412,7 +413,7 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
     """Loads the run's bank when its fingerprint matches, else builds it from the training data (the same
     fraction the run trains on) with the frozen encoders, and saves it with its manifest."""
     retrieval, data = config.retrieval, config.data
-    directory = retrieval.memory_dir or os.path.join(workdir, "memory")
+    directory = retrieval.memory_dir or os.fspath(epath.Path(workdir) / "memory")
     if sources["memory"] is sources["train"]:
         name = data.train_config if data.kind == "easy_vqa" else data.train_json
         source_name = f"{data.kind}:{name}:fraction={data.fraction}:seed={data.fraction_seed}"

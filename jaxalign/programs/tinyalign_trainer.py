@@ -1,8 +1,9 @@
 """TinyAlign training stages and evaluation: `train_and_evaluate(config, workdir) -> results`.
 
-One linear run, read top to bottom (big_vision style): logging, mesh, input, model, memory bank (assembled by
-`jaxalign.programs.tinyalign_setup.build_run`), optimizer, update step, training loop (resume, checkpoints, metrics, NaN
-stop: `jaxalign.train.loop`), evaluation. The config files are `jaxalign/configs/tinyalign_*.py`; their
+One linear run, read top to bottom (big_vision style): mesh, input, model, memory bank (assembled by
+`jaxalign.programs.tinyalign_setup.build_run`), optimizer and state, update step, training loop (resume,
+checkpoints, metrics, NaN stop), evaluation. What every trainer shares (state on the mesh, timed jitted step,
+loop, per-process data shards, process-0 outputs) is `jaxalign.programs.training`. The config files are `jaxalign/configs/tinyalign_*.py`; their
 docstrings hold the commands.
 
 Stages differ only by config: stage 1 (captions) trains the connector and the retrieval connector, stage 2
@@ -17,78 +18,49 @@ Public API:
   train_and_evaluate(config, workdir) -> results dict (also written to workdir/results.json)
   evaluate_checkpoint(config, workdir) -> results dict of the latest checkpoint (no training)
   make_evaluator(run) -> evaluate(params, progress=None) -> {loss, perplexity, num_tokens, vqa, vqa_accuracy}
-The setup helpers live in `jaxalign.programs.tinyalign_setup` and are re-exported here under their names (data_sources,
-load_tokenizer, load_towers, model_config, freeze_rules, tokenizer_corpus, read_checkpoint_params,
-overwrite_params, stop_token_ids, STAGE_TRAINABLE).
+Where each part of a run comes from (data sources, tokenizer, towers, model config, freeze rules, checkpoint
+reading) is `jaxalign.programs.tinyalign_setup`.
 
 Several processes (`launch/`) run one program: the rows of every training and evaluation batch depend on the
 mesh, not on how many processes share it (`data_shards`: 2 processes x 4 devices see the rows 1 process x 8
 devices sees; `tests/test_launch_tinyalign.py`), the loss, perplexity and VQA counts are global (every process
-reports the same numbers), and process 0 alone writes files other than checkpoints (which orbax writes with all
-processes) and the memory bank (gathered by all, written by process 0). `config.train.batch_size` and
+reports the same numbers), and process 0 alone writes files other than checkpoints and the memory bank (each
+process writes its own shards of both). The data iterator's position is saved per data shard, so a checkpoint
+resumes without replaying on any process count over the same shards. `config.train.batch_size` and
 `config.eval.batch_size` are global.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from jaxalign import sharding
 from jaxalign.align import loss as loss_lib
 from jaxalign.align import model as model_lib
 from jaxalign.align import update_step
-from jaxalign.programs.tinyalign_setup import (  # noqa: F401  (re-exported: the trainer's public names before the split)
-    STAGE_TRAINABLE, Run, build_run, data_sources, freeze_rules, load_tokenizer, load_towers, model_config,
-    overwrite_params, perceiver_config, read_checkpoint_params, stop_token_ids, tokenizer_corpus, trainable_parts)
 from jaxalign.data import pipeline
 from jaxalign.data.batching import SkipReport
 from jaxalign.data.chat_templates import IGNORE_LABEL
 from jaxalign.data.length_buckets import PaddingStats, max_over_processes
 from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
-from jaxalign.train import loop, optimizer as opt_lib
-from jaxalign.train.state import create_train_state, state_shardings
+from jaxalign.programs import training
+from jaxalign.programs.tinyalign_setup import (Run, build_run, freeze_rules, overwrite_params, read_checkpoint_params,
+                                               stop_token_ids, trainable_parts)
+from jaxalign.train import optimizer as opt_lib
 
 log = logging.getLogger(__name__)
 ConfigDict = ml_collections.ConfigDict
 
 
-# ================================================================================================ helpers
+# ================================================================================================ input order
 def _device_batch(batch: dict, mesh) -> dict:
     return sharding.global_batch(model_lib.numpy_batch(batch), mesh)
-
-
-def _host_rows(array: jax.Array, mesh) -> np.ndarray:
-    """This host's rows of a batch-sharded global array."""
-    if getattr(array, "is_fully_addressable", True):
-        return np.asarray(array)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.global_array_to_host_local_array(
-        array, mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
-
-
-# ================================================================================================ input order
-def data_shards(mesh, global_batch_size: int) -> tuple[int, range]:
-    """(number of data shards, the shards this process reads) for a global batch of `global_batch_size` rows.
-
-    The rows of a step are one part per data shard, in shard order; shard s reads the pipeline's host slice s of
-    the shard count (its own slice, order and bad-sample replacement). The shards are the mesh's batch shards
-    (data x fsdp), so the rows of every step depend on the mesh alone, not on how many processes share it:
-    2 processes x 4 devices train on the same rows as 1 process x 8 devices, and each row is read by one process
-    only. When the processes or the batch do not divide the batch shards, each process is one shard.
-    """
-    count, processes = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
-    if count % processes or global_batch_size % count:
-        count = processes
-    per_process = count // processes
-    return count, range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
 
 def _pad_length(batch: dict, length: int, pad_id: int) -> dict:
@@ -108,15 +80,19 @@ class ShardTrainBatches:
     of any process (one all-gather of one integer per step with several processes), so every step has one
     length. `shards` are the shards' `pipeline.TrainBatches` (their reports and padding statistics; the latter
     count each shard's own bucket, before that agreement). `to_device`, if given, maps each joined batch (e.g.
-    onto the mesh). `state` is the list of the shards' `TrainBatches.state`, the position after the last
-    batch: `pipeline.make_vqa_dataset(start_state=...)` of each shard resumes there."""
+    onto the mesh). `state` is {'shards': {shard number: that shard's `TrainBatches.state`}}, the position
+    after the last batch: `pipeline.make_vqa_dataset(start_state=...)` of each shard resumes there. Keyed by
+    the global shard number, the states of all processes merge into one (`jaxalign.train.loop`), so a run
+    resumed on another number of processes over the same shards picks up each shard where it stopped."""
 
-    def __init__(self, shards: list[pipeline.TrainBatches], pad_id: int, to_device=None):
+    def __init__(self, shards: list[pipeline.TrainBatches], pad_id: int, to_device=None,
+                 numbers: Sequence[int] | None = None):
         self.shards, self.pad_id, self.to_device = shards, pad_id, to_device
+        self.numbers = list(numbers) if numbers is not None else list(range(len(shards)))
 
     @property
-    def state(self) -> list[dict[str, int]]:
-        return [shard.state for shard in self.shards]
+    def state(self) -> dict[str, dict[str, dict[str, int]]]:
+        return {"shards": {str(number): shard.state for number, shard in zip(self.numbers, self.shards)}}
 
     def __iter__(self):
         return self
@@ -159,7 +135,7 @@ def make_evaluator(run: Run):
     stop_ids = stop_token_ids(run.tokenizer, run.template)
     max_batches = config.eval.max_batches or None
     # config.eval.batch_size is global, like config.train.batch_size: one part per data shard.
-    shard_count, own_shards = data_shards(mesh, config.eval.batch_size)
+    shard_count, own_shards = training.data_shards(mesh, config.eval.batch_size)
     if config.eval.batch_size % shard_count:
         raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must divide over {shard_count} "
                          f"data shards ({jax.process_count()} processes)")
@@ -182,7 +158,7 @@ def make_evaluator(run: Run):
                                         attention_mask=spliced.attention_mask,
                                         max_new_tokens=config.eval.max_new_tokens, eos_id=stop_ids,
                                         pad_id=run.tokenizer.pad_id)
-                return _host_rows(out.tokens, mesh)
+                return training.host_rows(out.tokens, mesh)
 
             # Each process scores its own rows; the counts are summed over processes (`evaluate_vqa`).
             accuracy, examples = vqa.evaluate_vqa(generate_fn, eval_batches(True), run.tokenizer, progress=show)
@@ -204,9 +180,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     data (tfds build reports, the skip reports of the training passes with sample ids, and `train_padding`: real
     spliced tokens against computed ones, rows x padded length, of this host's batches).
     """
-    # --- logging -----------------------------------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     log.info("TinyAlign stage %d (control %s, mode %s) in %s", config.stage, config.retrieval.control,
              config.retrieval.mode, workdir)
 
@@ -214,7 +188,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     run = build_run(config, workdir)
     cfg, mesh = run.cfg, run.mesh
 
-    # --- optimizer: freeze rules of the stage, AdamW with warm-up and cosine decay ------------------------------
+    # --- optimizer (freeze rules of the stage, AdamW with warm-up and cosine decay), state on the mesh ----------
     train = config.train
     global_batch_size = train.batch_size
     if global_batch_size % jax.process_count():
@@ -227,70 +201,56 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                                               end_ratio=train.end_lr_ratio)
     adamw = opt_lib.adamw(schedule, weight_decay=train.weight_decay, clip_norm=train.clip_norm or None)
     trainable = trainable_parts(config)
-    rules = freeze_rules(trainable, adamw)
-    optimizer = opt_lib.build_optimizer(run.params, rules)
-    mask = opt_lib.trainable_mask(run.params, rules)
-    state = create_train_state(run.params, optimizer, jax.random.PRNGKey(config.seed + 1))
-    shardings = state_shardings(state, run.param_axes, mesh)
-    state = jax.device_put(state, shardings)
+    setup = training.setup_training(run.params, run.param_axes, freeze_rules(trainable, adamw), mesh,
+                                    config.seed + 1)
 
     # --- update step: one jit over (state, batch, memory), the bank searched inside -----------------------------
-    jitted = update_step.jit_update_step(
-        update_step.make_update_step(cfg, optimizer, mask, train.accum_steps, schedule), shardings, mesh, run.memory)
-    # Timing without a host synchronisation per step: the first step (compilation) is waited for alone, then
-    # one wait every log_every steps; step_times holds the first step's time, then each interval's time per step.
-    step_times: list[float] = []
-    timing = {"calls": 0, "since": 0.0}
+    # The same jitted program bench/train_step.py times (`update_step.jit_update_step`).
+    step = training.TimedStep(update_step.jit_update_step(
+        update_step.make_update_step(cfg, setup.optimizer, setup.mask, train.accum_steps, schedule),
+        setup.shardings, mesh, run.memory), every=train.log_every)
 
     def train_step(state, batch):
-        if timing["calls"] == 0:
-            timing["since"] = time.perf_counter()
-        new_state, metrics = jitted(state, batch, run.memory)
-        timing["calls"] += 1
-        if timing["calls"] == 1 or (timing["calls"] - 1) % train.log_every == 0:
-            jax.block_until_ready(metrics["loss"])
-            now = time.perf_counter()
-            steps = 1 if timing["calls"] == 1 else train.log_every
-            step_times.append((now - timing["since"]) / steps)
-            timing["since"] = now
-        return new_state, metrics
+        return step(state, batch, run.memory)
 
     # --- input iterator, resumable at any step ------------------------------------------------------------------
     iterators: list[pipeline.TrainBatches] = []
-    shard_count, own_shards = data_shards(mesh, global_batch_size)
+    shard_count, own_shards = training.data_shards(mesh, global_batch_size)
 
-    def batch_iterator_factory(start_step: int, start_state: list[dict[str, int]] | None = None):
-        # A saved state (one per shard of this process, see ShardTrainBatches.state) restores each shard's
-        # position directly; without one (older checkpoints) each shard replays steps 0..start_step-1.
-        if start_state is not None and len(start_state) != len(own_shards):
-            log.warning("the checkpoint's data state has %d shards, this process reads %d: replaying the steps "
-                        "before step %d instead", len(start_state), len(own_shards), start_step)
-            start_state = None
+    def batch_iterator_factory(start_step: int, start_state: dict | None = None):
+        # A saved state ({'shards': {shard number: state}}, see ShardTrainBatches.state) restores each shard's
+        # position directly, whichever process saved it; without one (older checkpoints, another shard count)
+        # each shard replays steps 0..start_step-1.
+        saved = (start_state or {}).get("shards", {}) if isinstance(start_state, dict) else {}
+        if start_state is not None and not all(str(shard) in saved for shard in own_shards):
+            log.warning("the checkpoint's data state does not cover this process's shards %s (saved: %s): "
+                        "replaying the steps before step %d instead", list(own_shards), sorted(saved), start_step)
+            saved = {}
         # ShardTrainBatches agrees on the step's length bucket over all shards, so each shard keeps its own.
         shards = [pipeline.make_vqa_dataset(
             run.sources["train"], batch_size=global_batch_size // shard_count, seed=config.seed,
             fraction=config.data.fraction, fraction_seed=config.data.fraction_seed, start_step=start_step,
-            start_state=None if start_state is None else start_state[number],
-            process_index=shard, process_count=shard_count, agree_length=lambda length: length,
-            **run.data_options) for number, shard in enumerate(own_shards)]
+            start_state=saved.get(str(shard)), process_index=shard, process_count=shard_count,
+            agree_length=lambda length: length, **run.data_options) for shard in own_shards]
         iterators.extend(shards)
-        return ShardTrainBatches(shards, run.tokenizer.pad_id, to_device=lambda batch: _device_batch(batch, mesh))
+        return ShardTrainBatches(shards, run.tokenizer.pad_id, to_device=lambda batch: _device_batch(batch, mesh),
+                                 numbers=own_shards)
 
     # --- training loop ------------------------------------------------------------------------------------------
     evaluate = make_evaluator(run)
-    eval_fn = None
-    if train.eval_every:
-        def eval_fn(current):
-            return {name: value for name, value in evaluate(current.params, progress=False).items()
-                    if isinstance(value, float)}
-    result = loop.train(state=state, train_step=train_step, batch_iterator_factory=batch_iterator_factory,
-                        total_steps=total_steps, workdir=workdir, log_every=train.log_every,
-                        checkpoint_every=train.checkpoint_every, keep=train.keep_checkpoints, config=config,
-                        eval_fn=eval_fn, eval_every=train.eval_every or None, checkpoint_trainable_mask=mask,
-                        examples_per_step=global_batch_size, progress=config.progress,
-                        # Several processes agree on each step's length bucket with an all-gather inside the
-                        # iterator: that must run in step order on the main thread, so no prefetching then.
-                        prefetch=0 if run.data_options.get("length_buckets") and jax.process_count() > 1 else 2)
+
+    def eval_fn(current):
+        return {name: value for name, value in evaluate(current.params, progress=False).items()
+                if isinstance(value, float)}
+
+    settings = training.LoopSettings(
+        log_every=train.log_every, checkpoint_every=train.checkpoint_every, keep=train.keep_checkpoints,
+        eval_every=train.eval_every or None, progress=config.progress,
+        # Several processes agree on each step's length bucket with an all-gather inside the iterator: that must
+        # run in step order on the main thread, so no prefetching then.
+        prefetch=0 if run.data_options.get("length_buckets") and jax.process_count() > 1 else 2)
+    result = training.run_loop(setup, train_step, batch_iterator_factory, total_steps, workdir, config, settings,
+                               examples_per_step=global_batch_size, eval_fn=eval_fn if train.eval_every else None)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     evaluation = evaluate(result.state.params, progress=config.progress) if config.eval.at_end else {}
@@ -303,28 +263,24 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     results = {
         "workdir": workdir, "stage": config.stage, "control": cfg.control.kind, "mode": cfg.query.mode,
         "k": cfg.k, "fraction": config.data.fraction, "steps": int(result.state.step), "total_steps": total_steps,
-        "process_count": jax.process_count(), "device_count": jax.device_count(),
+        **training.where_it_ran(),
         "trainable": list(trainable), "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "loss_history": [(r["step"], r["loss"]) for r in result.history if "loss" in r],
-        "seconds_per_step": float(np.median(step_times[1:])) if len(step_times) > 1 else None,
-        "compile_seconds": step_times[0] if step_times else None,
+        "seconds_per_step": step.seconds_per_step, "compile_seconds": step.compile_seconds,
         "eval": evaluation, "memory": run.memory_info, "init": run.init_info,
         "data": {"build_reports": run.sources["build_reports"], "train_skipped": skipped.to_json(),
                  "train_padding": padding.to_json()},
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as file:
-            json.dump(results, file, indent=1, default=str)
+    training.write_json(workdir, "results.json", results)
     return results
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the latest checkpoint of `workdir` (loss, perplexity, VQA accuracy) without training."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run = build_run(config, workdir)
     params, replaced = overwrite_params(run.params, read_checkpoint_params(workdir), workdir)
     params = sharding.shard_params(params, run.param_axes, run.mesh)
     evaluation = make_evaluator(run)(params, progress=config.progress)
-    return {"workdir": workdir, "restored_params": len(replaced), "process_count": jax.process_count(),
-            "device_count": jax.device_count(), "eval": evaluation, "memory": run.memory_info}
+    return {"workdir": workdir, "restored_params": len(replaced), **training.where_it_ran(), "eval": evaluation,
+            "memory": run.memory_info}

@@ -18,6 +18,9 @@ each newer unreadable one is moved, not deleted, to `<directory>-unreadable/<ste
 must leave the directory: orbax will not save a step at or below its latest step); if none is readable it raises
 `UnreadableCheckpointError`, one line naming the directory and how to start over.
 
+The directory may be local (made absolute, as orbax requires) or a `gs://` / `s3://` URI, passed to orbax as given;
+the moves aside go through `etils.epath`, so they work there too.
+
 Frozen pretrained towers are loaded from their source, not re-saved: with `trainable_mask` given, only the
 trainable params are written (plus the whole optimizer state, which has no entries for frozen params), and
 `restore*` takes the frozen params from the target state supplied by the caller (which must therefore hold
@@ -39,16 +42,17 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxalign import paths
 from jaxalign.train.state import TrainState
 
 PyTree = Any
@@ -126,16 +130,16 @@ class Checkpointer:
     """Saves and restores `TrainState`s (and a JSON `extra` dict) under one directory.
 
     Args:
-      directory: where step sub-directories are written (created if missing).
+      directory: where step sub-directories are written (created if missing): a local folder or a gs:// URI.
       keep: how many most recent checkpoints to keep.
       trainable_mask: if given (pytree of bools over params), frozen params are not saved and are taken from
         the restore target instead.
       async_saves: write in a background thread; call `wait()` before reading the files or exiting.
     """
 
-    def __init__(self, directory: str, keep: int = 3, trainable_mask: PyTree | None = None,
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, trainable_mask: PyTree | None = None,
                  async_saves: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.orbax_directory(directory)
         self.trainable_mask = trainable_mask
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_saves)
@@ -249,18 +253,24 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         """Moves checkpoint `step` out of the managed directory (process 0; the others wait) and returns where."""
-        destination = os.path.join(f"{self.directory}-unreadable", str(step))
+        quarantine = epath.Path(f"{self.directory}-unreadable")
+        destination = quarantine / str(step)
         if jax.process_index() == 0:
             suffix = 1
-            while os.path.exists(destination):
-                destination = os.path.join(f"{self.directory}-unreadable", f"{step}.{suffix}")
+            while destination.exists():
+                destination = quarantine / f"{step}.{suffix}"
                 suffix += 1
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), destination)
+            quarantine.mkdir(parents=True, exist_ok=True)
+            if not quarantine.exists():
+                # An object store keeps no empty folder, and epath's fsspec client refuses to rename into a folder
+                # it cannot see: give the folder an object.
+                (quarantine / "README.txt").write_text("Checkpoints moved here could not be restored; see the "
+                                                       "run's log for why. Delete them once inspected.\n")
+            (epath.Path(self.directory) / str(step)).rename(destination)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxalign checkpoint moved aside {step}")
         self._manager.reload()
-        return destination
+        return os.fspath(destination)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

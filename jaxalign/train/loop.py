@@ -10,8 +10,11 @@ The loop owns everything that is the same for all of them:
     last batch it yielded) is asked for its state at every checkpoint; each process's state is stored in the
     checkpoint's JSON extra (`extra['data_iterator_state'] = {'process_count', 'processes': [state per
     process]}`) and handed back on resume as `batch_iterator_factory(step, start_state=state)`, so the iterator
-    restores its position without replaying steps 0..step-1. Checkpoints without it (older ones, or saved with
-    another process count) resume by `batch_iterator_factory(step)`;
+    restores its position without replaying steps 0..step-1. An iterator whose state is keyed by data shard
+    (`{'shards': {shard number: state}}`) gets the states of every process merged into one, so a run resumed on
+    another number of processes over the same shards continues each shard where it stopped (the factory picks
+    its shards). Checkpoints without a state (older ones), or with per-process states saved by another process
+    count, resume by `batch_iterator_factory(step)`;
   * prefetch (trainers pass `prefetch=2`): batches are taken from the iterator that many ahead on a background thread
     (`jaxalign.data.prefetch.Prefetcher`: the iterator's decoding and device placement overlap the step); the
     state saved is that of the batch the checkpointed step consumed, not of the read-ahead;
@@ -61,6 +64,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxalign.configs.base import save_resolved_config
@@ -178,11 +182,11 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
       TrainingPreempted: SIGTERM arrived; a checkpoint of the step reached was saved (exit code 143).
       UnreadableCheckpointError: checkpoints exist but none can be restored.
     """
-    # --- run directory and config ------------------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
+    # --- run directory and config (through epath: a gs:// workdir stays one, written once) ----------------------
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if config is not None and jax.process_index() == 0:
         save_resolved_config(config, workdir)
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_dir = os.fspath(epath.Path(workdir) / "checkpoints")
     checkpointer = Checkpointer(checkpoint_dir, keep=keep, trainable_mask=checkpoint_trainable_mask,
                                 async_saves=async_checkpoints)
 
@@ -311,10 +315,17 @@ def _gathered_iterator_state(local_state: Any) -> dict[str, Any]:
 
 
 def _own_iterator_state(saved: Any) -> Any:
-    """This process's iterator state from a checkpoint's extra, or None (replay from the step) when there is
-    none or it was saved by another number of processes."""
+    """This process's iterator state from a checkpoint's extra: the merged shard states when every process saved
+    `{'shards': {...}}` (any process count), else the state this process index saved with the same process
+    count; None (replay from the step) otherwise."""
     if not isinstance(saved, dict) or "processes" not in saved:
         return None
+    states = saved["processes"]
+    if states and all(isinstance(state, dict) and set(state) == {"shards"} for state in states):
+        merged: dict[str, Any] = {}
+        for state in states:
+            merged.update(state["shards"])
+        return {"shards": merged}
     if saved.get("process_count") != jax.process_count():
         log.warning("the checkpoint's data iterator state is from %s processes, this run has %d: the iterator "
                     "replays the steps before the checkpoint instead", saved.get("process_count"),

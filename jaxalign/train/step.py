@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxalign import sharding as sharding_lib
 from jaxalign.train.optimizer import merge_trainable, split_trainable
 from jaxalign.train.state import TrainState
 
@@ -149,15 +150,20 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, tr
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, state_shardings: TrainState,
-                   batch_sharding: NamedSharding | PyTree) -> Callable:
-    """`jax.jit` of a train step with explicit in / out shardings; the input state is donated.
+                   batch_sharding: NamedSharding | PyTree, extra_shardings: tuple = ()) -> Callable:
+    """`jax.jit` of a train step `(state, batch, *extra) -> (state, metrics)` with explicit in / out shardings,
+    traced in `mesh` (`jaxalign.sharding.trace_in_mesh`: kernels that cannot be partitioned see the mesh); the
+    input state is donated.
 
     `batch_sharding` is one sharding for every batch leaf or a pytree of them. Use
     `jaxalign.sharding.batch_sharding(mesh, 1)` as the single one: it shards the leading (batch) axis of leaves
-    of any rank (`batch_sharding(mesh)` with ndim=2 rejects [B] leaves). Metrics come back replicated.
+    of any rank (`batch_sharding(mesh)` with ndim=2 rejects [B] leaves). `extra_shardings` gives one sharding
+    (or pytree of them) per extra argument, e.g. a memory bank's arrays as they are laid out. Metrics come back
+    replicated.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+    return jax.jit(sharding_lib.trace_in_mesh(step_fn, mesh),
+                   in_shardings=(state_shardings, batch_sharding, *extra_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
