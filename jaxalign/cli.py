@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "jaxalign.commands.clutrr",      # clutrr generate / solve / train-teacher / distill / eval
     "jaxalign.commands.align",       # train, eval
     "jaxalign.commands.demo",        # demo
+    "jaxalign.commands.score",       # score (standard VLM benchmarks' official scoring)
 )
 
 
