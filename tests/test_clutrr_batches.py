@@ -151,3 +151,50 @@ def test_released_rows_featurise_without_truncation_at_256_tokens():
     source_nodes = np.where(text["source_mentions"], text["token_node"], -2)
     assert np.all((source_nodes == -2) | (source_nodes == graph["source"][:, None]))
     assert graph["edge_mask"].sum(1).max() >= 10
+
+
+# Files written by the reference CLUTRR generator label every story edge (see tests/fixtures/clutrr_generator/).
+GENERATOR_FILES = os.path.join(os.path.dirname(__file__), "fixtures", "clutrr_generator")
+
+
+def _supporting_row():
+    """Path sister-father-father (0 -> 3); supporting facts (0, 4) mother and (4, 1) daughter."""
+    return reader.read_csv(os.path.join(GENERATOR_FILES, "2.3_test.csv"))[0]
+
+
+def test_graph_rows_give_labelled_noise_edges_their_relation():
+    from jaxalign.distill import evaluate
+    row = _supporting_row()
+    graph_row, = evaluate.graph_rows([row])
+    assert graph_row.edge_types == ("sister", "father", "father", "mother", "daughter")
+    assert evaluate.graph_rows([graph_row]) == [graph_row]  # idempotent
+    vocabulary = evaluate.teacher_edge_vocabulary()
+    batch = cb.graph_batch([graph_row], cb.label_vocabulary(), vocabulary, max_nodes=6, max_edges=6)
+    # sister=7, father=2, mother=3, daughter=1 in EDGE_TYPE_LABELS order; no edge is 'unlabelled' (22).
+    np.testing.assert_array_equal(batch["edge_types"], [[7, 2, 2, 3, 1, 0]])
+    np.testing.assert_array_equal(batch["senders"], [[0, 1, 2, 0, 4, 0]])
+    np.testing.assert_array_equal(batch["receivers"], [[1, 2, 3, 4, 1, 0]])
+    # A reader row goes straight into graph_batch too: path labels, then its noise labels.
+    np.testing.assert_array_equal(
+        cb.graph_batch([row], cb.label_vocabulary(), vocabulary, 6, 6)["edge_types"], batch["edge_types"])
+
+
+def test_without_noise_labels_types_only_noise_edges_unlabelled():
+    from jaxalign.distill import evaluate
+    row = _supporting_row()
+    hidden, = evaluate.without_noise_labels([row])
+    assert hidden.edge_types == ("sister", "father", "father", evaluate.UNLABELLED_EDGE, evaluate.UNLABELLED_EDGE)
+    assert hidden.noise_edge_types == () and not hidden.noise_labelled
+    assert evaluate.graph_rows([hidden]) == [hidden]
+    assert row.noise_edge_types == ("mother", "daughter")  # the input rows are not changed
+    batch = cb.graph_batch([hidden], cb.label_vocabulary(), evaluate.teacher_edge_vocabulary(), 6, 6)
+    np.testing.assert_array_equal(batch["edge_types"], [[7, 2, 2, 22, 22, 0]])
+    # Released rows (noise unlabelled) look the same before and after.
+    released = dataclasses.replace(row, noise_edge_types=())
+    assert evaluate.graph_rows([released]) == [hidden] == evaluate.without_noise_labels([released])
+
+
+def test_graph_batch_asks_for_graph_rows_when_noise_edges_have_no_type():
+    released = dataclasses.replace(_supporting_row(), noise_edge_types=())
+    with pytest.raises(ValueError, match="5 story_edges but 3 edge types.*graph_rows"):
+        cb.graph_batch([released], cb.label_vocabulary(), cb.edge_type_vocabulary(), 6, 6)

@@ -1,4 +1,4 @@
-"""Reader and writer for the released CLUTRR CSV format.
+"""Reader and writer for CLUTRR CSV files: the released EMNLP-2019 zips and what the reference generator writes.
 
 One row is one story. The released files (Sinha et al., 2019) have these columns, in this order; cells marked
 "literal" are Python literals written with ``repr`` and read back with ``ast.literal_eval``:
@@ -23,6 +23,21 @@ syn_story      unused in the released data (empty)
 node_mapping   literal dict: person id in the generator's family tree -> node index
 task_split     ``train`` or ``test``
 =============  ==========================================================================================
+
+Files written by the reference generator (github.com/facebookresearch/clutrr, ``clutrr/generator.py``
+``generate_rows`` and ``clutrr/main.py`` ``Clutrr.store``, which saves pandas frames with ``to_csv``) differ:
+
+- ``edge_types`` labels every story edge, noise included (``get_story_relations('story')`` followed by
+  ``get_story_relations('fact')``): ``story_edges[:k]`` is the path and the rest are the noise facts, in the
+  same order in both columns. Both conventions are read; noise labels land in ``ClutrrRow.noise_edge_types``,
+  so ``edge_types`` always holds the k path labels.
+- Its relation store spells the female ``un`` relation ``neice``; the reader reads it as ``niece`` in
+  ``target``, ``edge_types``, ``f_comb`` and ``proof_state``.
+- ``text_query`` holds a question sentence; ``syn_story`` is empty.
+
+Only the columns in ``REQUIRED_COLUMNS`` must be present; the others default when absent (the row index to
+the row's position in the file, text columns to empty, ``node_mapping`` to ``{}``) and unknown extra columns
+are ignored. ``write_csv`` always writes the released column set.
 """
 from __future__ import annotations
 
@@ -42,6 +57,14 @@ from jaxalign.clutrr import relations
 COLUMNS: tuple[str, ...] = (
     "", "id", "story", "query", "text_query", "target", "text_target", "clean_story", "proof_state", "f_comb",
     "task_name", "story_edges", "edge_types", "query_edge", "genders", "syn_story", "node_mapping", "task_split")
+# The columns a row cannot be read without; every other column of COLUMNS takes its default when absent.
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "id", "story", "query", "target", "proof_state", "f_comb", "task_name", "story_edges", "edge_types",
+    "query_edge", "genders")
+_COLUMN_DEFAULTS = {"text_query": "", "text_target": "", "clean_story": "", "syn_story": "", "node_mapping": "",
+                    "task_split": ""}
+# The reference generator's relation store (clutrr/store/relations_store.yaml) spells niece "neice".
+LABEL_SPELLINGS = {"neice": "niece"}
 NOISE_TASKS = {1: "clean", 2: "supporting", 3: "irrelevant", 4: "disconnected"}
 _TASK_NAME = re.compile(r"^task_(\d+)\.(\d+)$")
 
@@ -62,7 +85,9 @@ class ClutrrRow:
     """One CLUTRR story with its symbolic graph (every column of the released format, parsed).
 
     Node indices refer to ``genders``: node i is ``genders[i][0]``. Edge ``(a, b)`` with label r means "b is
-    a's r". ``story_edges[:k]`` is the path from the query's head (node 0) to its tail.
+    a's r". ``story_edges[:k]`` is the path from the query's head (node 0) to its tail, labelled by
+    ``edge_types`` (always k labels); ``story_edges[k:]`` are the noise facts, labelled by ``noise_edge_types``
+    when the file labels them (the reference generator's files) and empty otherwise (the released files).
     """
 
     index: int
@@ -83,6 +108,7 @@ class ClutrrRow:
     syn_story: str
     node_mapping: dict[int, int]
     task_split: str
+    noise_edge_types: tuple[str, ...] = ()
 
     @property
     def noise_task(self) -> int:
@@ -106,6 +132,11 @@ class ClutrrRow:
     @property
     def noise_edges(self) -> tuple[tuple[int, int], ...]:
         return self.story_edges[self.k:]
+
+    @property
+    def noise_labelled(self) -> bool:
+        """Whether the noise edges carry relation labels (always false for a row without noise edges)."""
+        return bool(self.noise_edge_types)
 
     @property
     def target_relation(self) -> str:
@@ -168,24 +199,54 @@ def _literal(cell: str, field: str, fail) -> Any:
         raise fail(field, f"not a Python literal ({type(error).__name__}): {cell[:80]!r}") from None
 
 
-def parse_row(record: dict[str, str], source: str = "<row>") -> ClutrrRow:
+def _respell(label: str) -> str:
+    return LABEL_SPELLINGS.get(label, label)
+
+
+def _respell_text(text: str) -> str:
+    """``f_comb`` with the generator's spellings replaced (no label contains another's spelling)."""
+    for spelling, label in LABEL_SPELLINGS.items():
+        text = text.replace(spelling, label)
+    return text
+
+
+def _respell_proof(steps: list[dict]) -> list[dict]:
+    def fix(fact):
+        return (fact[0], _respell(fact[1]), fact[2]) if isinstance(fact, tuple) and len(fact) == 3 else fact
+    return [{fix(conclusion): [fix(premise) for premise in premises] if isinstance(premises, list) else premises
+             for conclusion, premises in step.items()} for step in steps]
+
+
+def parse_row(record: dict[str, str], source: str = "<row>", position: int | None = None) -> ClutrrRow:
     """Parses and validates one CSV record (a ``csv.DictReader`` row) into a ``ClutrrRow``.
 
+    Args:
+      record: {column: cell}. Columns outside ``REQUIRED_COLUMNS`` may be absent (they take their defaults);
+        unknown columns are ignored. ``edge_types`` may label the k path edges or every story edge.
+      source: the file, named in errors.
+      position: the row's 0-based position in its file, its index when the file has no index column.
     Raises:
       ClutrrFormatError: naming ``source``, the row id and the bad field.
     """
-    row_id = record.get("id") or f"#{record.get('', '?')}"
+    row_id = record.get("id") or f"#{record.get('', '?' if position is None else position)}"
 
     def fail(field: str, problem: str) -> ClutrrFormatError:
         return ClutrrFormatError(source, row_id, field, problem)
 
-    missing = [column for column in COLUMNS if column not in record or record[column] is None]
+    short = [column for column in COLUMNS if column in record and record[column] is None]
+    if short:
+        raise fail(short[0], "cell missing: the row has fewer cells than the header")
+    missing = [column for column in REQUIRED_COLUMNS if column not in record]
     if missing:
         raise fail(missing[0], "column missing")
-    try:
-        index = int(record[""])
-    except ValueError:
-        raise fail("", f"row number is not an integer: {record['']!r}") from None
+    record = {**_COLUMN_DEFAULTS, **record}
+    if "" in record:
+        try:
+            index = int(record[""])
+        except ValueError:
+            raise fail("", f"row number is not an integer: {record['']!r}") from None
+    else:
+        index = 0 if position is None else position
 
     match = _TASK_NAME.match(record["task_name"])
     if not match:
@@ -203,6 +264,8 @@ def parse_row(record: dict[str, str], source: str = "<row>") -> ClutrrRow:
     proof_state = _literal(record["proof_state"], "proof_state", fail)
     if not (isinstance(proof_state, list) and all(isinstance(step, dict) for step in proof_state)):
         raise fail("proof_state", "expected a list of {conclusion: [premises]} dicts")
+    if any(spelling in record["proof_state"] for spelling in LABEL_SPELLINGS):
+        proof_state = _respell_proof(proof_state)
     story_edges = _literal(record["story_edges"], "story_edges", fail)
     if not (isinstance(story_edges, list) and all(
             isinstance(e, tuple) and len(e) == 2 and all(isinstance(n, int) for n in e) for e in story_edges)):
@@ -210,6 +273,7 @@ def parse_row(record: dict[str, str], source: str = "<row>") -> ClutrrRow:
     edge_types = _literal(record["edge_types"], "edge_types", fail)
     if not (isinstance(edge_types, list) and all(isinstance(label, str) for label in edge_types)):
         raise fail("edge_types", "expected a list of labels")
+    edge_types = [_respell(label) for label in edge_types]
     query_edge = _literal(record["query_edge"], "query_edge", fail)
     if not (isinstance(query_edge, tuple) and len(query_edge) == 2 and all(isinstance(n, int) for n in query_edge)):
         raise fail("query_edge", f"expected a pair of node indices, got {query_edge!r}")
@@ -225,16 +289,22 @@ def parse_row(record: dict[str, str], source: str = "<row>") -> ClutrrRow:
         genders.append((name, gender))
 
     # Consistency of the symbolic graph.
-    if record["target"] not in relations.LABEL_TO_TYPE:
+    target, f_comb = _respell(record["target"]), _respell_text(record["f_comb"])
+    if target not in relations.LABEL_TO_TYPE:
         raise fail("target", f"unknown kinship label {record['target']!r}")
     unknown = [label for label in edge_types if label not in relations.LABEL_TO_TYPE]
     if unknown:
         raise fail("edge_types", f"unknown kinship label {unknown[0]!r}")
-    if len(edge_types) != k:
-        raise fail("edge_types", f"{len(edge_types)} labels for a path of k = {k} edges")
     if len(story_edges) < k:
         raise fail("story_edges", f"{len(story_edges)} edges, fewer than k = {k}")
-    if "-".join(edge_types) != record["f_comb"]:
+    # Released files label the k path edges; the reference generator labels every story edge, noise included.
+    if len(edge_types) not in (k, len(story_edges)):
+        raise fail("edge_types", f"{len(edge_types)} labels for a path of k = {k} edges among "
+                                 f"{len(story_edges)} story edges: expected {k} (the path's, as in the released "
+                                 f"files) or {len(story_edges)} (every story edge's, as the reference generator "
+                                 "writes)")
+    edge_types, noise_edge_types = edge_types[:k], edge_types[k:]
+    if "-".join(edge_types) != f_comb:
         raise fail("f_comb", f"{record['f_comb']!r} is not the path labels {'-'.join(edge_types)!r}")
     nodes = len(genders)
     if any(not 0 <= n < nodes for edge in story_edges for n in edge):
@@ -249,20 +319,20 @@ def parse_row(record: dict[str, str], source: str = "<row>") -> ClutrrRow:
                                   f"to node {query_edge[1]} (query_edge)")
     if (genders[query_edge[0]][0], genders[query_edge[1]][0]) != query:
         raise fail("query", f"names {query} are not those of query_edge {query_edge} in genders")
-    for (head, tail), label in zip(path, edge_types):
+    for (head, tail), label in zip(story_edges, edge_types + noise_edge_types):
         if relations.LABEL_TO_GENDER[label] != genders[tail][1]:
             raise fail("edge_types", f"label {label!r} of edge ({head}, {tail}) does not match the gender of "
                                      f"{genders[tail][0]} ({genders[tail][1]})")
-    if relations.LABEL_TO_GENDER[record["target"]] != genders[query_edge[1]][1]:
-        raise fail("target", f"label {record['target']!r} does not match the gender of {query[1]}")
+    if relations.LABEL_TO_GENDER[target] != genders[query_edge[1]][1]:
+        raise fail("target", f"label {target!r} does not match the gender of {query[1]}")
 
     return ClutrrRow(
         index=index, id=record["id"], story=record["story"], query=query, text_query=record["text_query"],
-        target=record["target"], text_target=tuple(text_target), clean_story=record["clean_story"],
-        proof_state=tuple(proof_state), f_comb=record["f_comb"], task_name=record["task_name"],
+        target=target, text_target=tuple(text_target), clean_story=record["clean_story"],
+        proof_state=tuple(proof_state), f_comb=f_comb, task_name=record["task_name"],
         story_edges=tuple(story_edges), edge_types=tuple(edge_types), query_edge=query_edge,
         genders=tuple(genders), syn_story=record["syn_story"], node_mapping=node_mapping,
-        task_split=record["task_split"])
+        task_split=record["task_split"], noise_edge_types=tuple(noise_edge_types))
 
 
 def read_rows(stream: TextIO, source: str, *, skip_bad: bool = False,
@@ -270,14 +340,14 @@ def read_rows(stream: TextIO, source: str, *, skip_bad: bool = False,
     """Reads CLUTRR rows from an open text stream (see ``read_csv``)."""
     reader = csv.DictReader(stream)
     header = tuple(reader.fieldnames or ())
-    missing = [column for column in COLUMNS if column not in header]
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
     if missing:
         raise ClutrrFormatError(source, "header", missing[0], f"column missing; the header is {header}")
     local_report = report if report is not None else ReadReport()
     rows = []
-    for record in reader:
+    for position, record in enumerate(reader):
         try:
-            rows.append(parse_row(record, source))
+            rows.append(parse_row(record, source, position))
         except ClutrrFormatError as error:
             if not skip_bad:
                 raise
@@ -295,7 +365,7 @@ def read_csv(path: str | os.PathLike, *, skip_bad: bool = False,
     """Reads one CLUTRR CSV file.
 
     Args:
-      path: a CSV in the released format.
+      path: a CSV in the released format or as the reference generator writes it (see the module docstring).
       skip_bad: skip malformed rows instead of raising; each is counted (and described) in ``report``, or logged
         as a warning when no report is given.
       report: collects rows read and skipped.
@@ -337,13 +407,15 @@ def read_zip(path: str | os.PathLike, *, members: Iterable[str] | None = None, s
 
 
 def row_to_record(row: ClutrrRow) -> dict[str, str]:
-    """The CSV cells of a row, written the way the released files write them."""
+    """The CSV cells of a row, written the way the released files write them (noise labels, if any, follow the
+    path labels in ``edge_types``, as the reference generator writes them)."""
     return {
         "": str(row.index), "id": row.id, "story": row.story, "query": repr(tuple(row.query)),
         "text_query": row.text_query, "target": row.target, "text_target": repr(list(row.text_target)),
         "clean_story": row.clean_story, "proof_state": repr(list(row.proof_state)), "f_comb": row.f_comb,
         "task_name": row.task_name, "story_edges": repr([tuple(e) for e in row.story_edges]),
-        "edge_types": repr(list(row.edge_types)), "query_edge": repr(tuple(row.query_edge)),
+        "edge_types": repr(list(row.edge_types) + list(row.noise_edge_types)),
+        "query_edge": repr(tuple(row.query_edge)),
         "genders": ",".join(f"{name}:{gender}" for name, gender in row.genders), "syn_story": row.syn_story,
         "node_mapping": repr(dict(row.node_mapping)), "task_split": row.task_split,
     }

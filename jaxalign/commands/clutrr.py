@@ -29,10 +29,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _solve(args: argparse.Namespace) -> int:
     from jaxalign.clutrr import reader, solver
     report = reader.ReadReport()
+    # Released files and the reference generator's files alike; the solver reads only the k path labels.
     rows = reader.read_csv(args.csv, skip_bad=args.skip_bad, report=report)
     result = solver.agreement(rows)
     output = {"csv": os.fspath(args.csv), **result.as_dict(), "rows_skipped": report.rows_skipped,
-              "skipped": report.problems[:20]}
+              "skipped": report.problems[:20], "rows_noise_labelled": sum(row.noise_labelled for row in rows)}
     print(json.dumps(output, indent=2))
     return 0 if result.agree_unambiguous == result.unambiguous and not result.unsolvable else 1
 

@@ -9,7 +9,9 @@ dicts of NumPy arrays with fixed shapes, so a jitted step compiles once:
                  label, example_mask [B]
 
 An edge (a, b) with relation r means "b is a's r"; it becomes sender a, receiver b, type r. Node i is the i-th
-person of `genders`; the query asks for "target is source's <label>".
+person of `genders`; the query asks for "target is source's <label>". A row's edge types are its `edge_types`
+when they cover every story edge, else its path labels followed by its `noise_edge_types` (a reader row of a file
+that labels noise edges); noise edges no file labels get a type from `jaxalign.distill.evaluate.graph_rows`.
 
 Students read stories with people anonymised per story: every bracketed name becomes `@entK`, with K drawn from
 a random permutation of the entity slots (seeded), so a model cannot learn facts about names and sees every
@@ -55,9 +57,10 @@ class StoryRow(Protocol):
     query: tuple[str, str]
     target: str
     story_edges: Sequence[tuple[int, int]]
-    edge_types: Sequence[str]
+    edge_types: Sequence[str]                   # one per story edge, or the path's (then noise_edge_types)
     query_edge: tuple[int, int]
     genders: Sequence[tuple[str, str]]          # (name, gender) by node index
+    # Optional (read with getattr): labels of the noise edges story_edges[len(edge_types):], when labelled.
 
 
 # ------------------------------------------------------------------------------------------ vocabularies
@@ -186,9 +189,13 @@ def graph_batch(rows: Sequence[StoryRow], labels: Vocabulary, edge_types: Vocabu
         if num_nodes > max_nodes or num_edges > max_edges:
             raise ValueError(f"row {row.id}: graph has {num_nodes} nodes and {num_edges} edges, over the budget "
                              f"of {max_nodes} nodes and {max_edges} edges; raise max_nodes / max_edges")
-        if len(row.edge_types) != num_edges:
-            raise ValueError(f"row {row.id}: {num_edges} story_edges but {len(row.edge_types)} edge_types")
-        for e, ((head, tail), relation) in enumerate(zip(row.story_edges, row.edge_types)):
+        relation_types = tuple(row.edge_types)
+        if len(relation_types) != num_edges:  # a reader row: path labels, then the noise labels if any
+            relation_types += tuple(getattr(row, "noise_edge_types", ()))
+        if len(relation_types) != num_edges:
+            raise ValueError(f"row {row.id}: {num_edges} story_edges but {len(relation_types)} edge types; give "
+                             "unlabelled noise edges a type first (jaxalign.distill.evaluate.graph_rows)")
+        for e, ((head, tail), relation) in enumerate(zip(row.story_edges, relation_types)):
             if not (0 <= head < num_nodes and 0 <= tail < num_nodes):
                 raise ValueError(f"row {row.id}: story_edges[{e}] = {(head, tail)} names a node outside 0.."
                                  f"{num_nodes - 1} (genders lists {num_nodes} people)")

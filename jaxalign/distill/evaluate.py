@@ -17,8 +17,9 @@ them; each predicts its contiguous block of the batches and the per-row results 
 every process returns the same report.
 
 Public API:
-  UNLABELLED_EDGE: the edge type of noise edges (the released data labels only the k path edges)
-  graph_rows(rows) -> rows whose every story edge has a type (noise edges typed UNLABELLED_EDGE)
+  UNLABELLED_EDGE: the edge type of noise edges a file does not label (the released data labels only the path)
+  graph_rows(rows) -> rows whose every story edge has a type (its label, or UNLABELLED_EDGE for unlabelled noise)
+  without_noise_labels(rows) -> graph rows whose noise edges are all typed UNLABELLED_EDGE
   SavedModel(role, config, params, labels, edge_types, words, max_length)
   save_model(directory, model) / load_model(path) -> SavedModel
   predict(model, rows, batch_size=64, max_length=None, batches=None) -> (predictions [N] int, report dict)
@@ -47,22 +48,35 @@ MODEL_FILE, PARAMS_FILE = "model.json", "params.npz"
 
 
 def graph_rows(rows: Sequence[ClutrrRow]) -> list[ClutrrRow]:
-    """Rows with one edge type per story edge: noise edges get `UNLABELLED_EDGE`.
+    """Rows with one edge type per story edge (`edge_types` as long as `story_edges`), for the teacher.
 
-    The released CSVs list relation labels only for the k path edges (`edge_types` has k entries while
-    `story_edges` also holds the noise edges). The teacher still sees the noise edges, as edges of a dedicated
-    'unlabelled' type, so that noise changes its graph as it changes the students' stories.
+    Path edges keep their labels. Noise edges get their relation's label when the file labels them (files of
+    the reference generator: `ClutrrRow.noise_edge_types`) and the dedicated `UNLABELLED_EDGE` type otherwise
+    (the released CSVs label only the k path edges), so that noise changes the teacher's graph as it changes
+    the students' stories. Rows already passed through `graph_rows` come back unchanged.
     """
     fixed = []
     for row in rows:
-        missing = len(row.story_edges) - len(row.edge_types)
-        fixed.append(dataclasses.replace(row, edge_types=tuple(row.edge_types) + (UNLABELLED_EDGE,) * missing)
-                     if missing > 0 else row)
+        noise_types = tuple(row.noise_edge_types)
+        if len(noise_types) != len(row.noise_edges):
+            noise_types = (UNLABELLED_EDGE,) * len(row.noise_edges)
+        edge_types = tuple(row.edge_types[:row.k]) + noise_types
+        fixed.append(row if edge_types == tuple(row.edge_types) else dataclasses.replace(row, edge_types=edge_types))
     return fixed
 
 
+def without_noise_labels(rows: Sequence[ClutrrRow]) -> list[ClutrrRow]:
+    """Graph rows whose noise edges are all typed `UNLABELLED_EDGE`, as if their file did not label them.
+
+    Compares the teacher with and without noise labels on the same rows: `evaluate_rows(model, rows)` against
+    `evaluate_rows(model, without_noise_labels(rows))`. Path labels are kept.
+    """
+    return graph_rows([dataclasses.replace(row, edge_types=tuple(row.edge_types[:row.k]), noise_edge_types=())
+                       for row in rows])
+
+
 def teacher_edge_vocabulary() -> clutrr_batches.Vocabulary:
-    """The 22 gendered relations plus the `UNLABELLED_EDGE` type of noise edges."""
+    """The 22 gendered relations (path edges, and noise edges a file labels) plus `UNLABELLED_EDGE`."""
     return clutrr_batches.edge_type_vocabulary(clutrr_batches.EDGE_TYPE_LABELS + (UNLABELLED_EDGE,))
 
 
