@@ -154,3 +154,22 @@ def test_unreadable_checkpoint_is_moved_aside_within_gcs(bucket, monkeypatch):
     assert (moved / "10" / "state" / "data").read_text() == "step 10"
     # the new folder held no object, so the move gave it one (else the rename into it is refused)
     assert sorted(os.listdir(moved)) == ["10", "README.txt"]
+
+
+def test_clutrr_model_folder_round_trips_through_gcs(bucket):
+    """A CLUTRR trainer's `model/` (model.json + params.npz) saved to and loaded from a gs:// workdir."""
+    from jaxalign.distill import clutrr_batches, evaluate
+    from jaxalign.models import gnn
+
+    config = gnn.GNNConfig(num_relations=len(evaluate.teacher_edge_vocabulary()), hidden=8, num_layers=1,
+                           num_classes=len(clutrr_batches.CLUTRR_LABELS), max_nodes=6, max_edges=8)
+    params = {"layer": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "bias": np.ones(3, np.float32)}
+    model = evaluate.SavedModel("teacher", config, params, clutrr_batches.label_vocabulary(),
+                                evaluate.teacher_edge_vocabulary())
+    evaluate.save_model("gs://bucket/run/model", model)
+    assert sorted(os.listdir(bucket / "bucket" / "run" / "model")) == ["model.json", "params.npz"]
+    loaded = evaluate.load_model("gs://bucket/run")  # a workdir holding model/
+    assert loaded.role == "teacher" and loaded.config == config
+    np.testing.assert_array_equal(loaded.params["layer"]["kernel"], params["layer"]["kernel"])
+    np.testing.assert_array_equal(loaded.params["bias"], params["bias"])
+    assert loaded.labels.to_json() == model.labels.to_json()

@@ -32,11 +32,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from jaxalign import distributed
 from jaxalign.clutrr.reader import ClutrrRow
@@ -129,30 +129,30 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 
 def save_model(directory: str, model: SavedModel) -> str:
-    """Writes `model.json` and `params.npz` into `directory` (created); returns the directory."""
-    os.makedirs(directory, exist_ok=True)
+    """Writes `model.json` and `params.npz` into `directory` (created; a local folder or a gs:// URI, through
+    epath); returns the directory."""
+    folder = epath.Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
     description = {"role": model.role, "model_config": dataclasses.asdict(model.config),
                    "labels": model.labels.to_json(), "max_length": model.max_length,
                    "edge_types": model.edge_types.to_json() if model.edge_types else None,
                    "words": model.words.to_json() if model.words else None}
-    np.savez(os.path.join(directory, PARAMS_FILE), **_flatten(model.params))
-    with open(os.path.join(directory, MODEL_FILE), "w", encoding="utf-8") as stream:
-        json.dump(description, stream, indent=1)
+    with (folder / PARAMS_FILE).open("wb") as stream:
+        np.savez(stream, **_flatten(model.params))
+    (folder / MODEL_FILE).write_text(json.dumps(description, indent=1), encoding="utf-8")
     return directory
 
 
 def load_model(path: str) -> SavedModel:
     """Reads a model folder written by `save_model`, or a training workdir holding one in `model/`."""
-    directory = path
-    if not os.path.exists(os.path.join(directory, MODEL_FILE)) and os.path.exists(
-            os.path.join(path, "model", MODEL_FILE)):
-        directory = os.path.join(path, "model")
-    model_file = os.path.join(directory, MODEL_FILE)
-    if not os.path.exists(model_file):
+    directory = epath.Path(path)
+    if not (directory / MODEL_FILE).exists() and (directory / "model" / MODEL_FILE).exists():
+        directory = directory / "model"
+    model_file = directory / MODEL_FILE
+    if not model_file.exists():
         raise FileNotFoundError(f"{path} holds no {MODEL_FILE} (nor model/{MODEL_FILE}); pass the workdir of a "
                                 "finished `jaxalign clutrr train-teacher` / `distill` run or its model/ folder")
-    with open(model_file, encoding="utf-8") as stream:
-        description = json.load(stream)
+    description = json.loads(model_file.read_text(encoding="utf-8"))
     role = description.get("role")
     if role == "teacher":
         config = gnn.GNNConfig(**description["model_config"])
@@ -160,7 +160,7 @@ def load_model(path: str) -> SavedModel:
         config = text_encoders.TextEncoderConfig(**description["model_config"])
     else:
         raise ValueError(f"{model_file}: role must be 'teacher' or 'student', found {role!r}")
-    with np.load(os.path.join(directory, PARAMS_FILE)) as arrays:
+    with (directory / PARAMS_FILE).open("rb") as stream, np.load(stream) as arrays:
         params = _unflatten({name: arrays[name] for name in arrays.files})
     vocabulary = lambda key, kind: (clutrr_batches.Vocabulary.from_json(description[key], kind)  # noqa: E731
                                     if description.get(key) else None)

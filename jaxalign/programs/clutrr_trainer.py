@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from jaxalign import distributed, sharding as sharding_lib
 from jaxalign.clutrr import reader
@@ -147,7 +148,7 @@ def _train(config, workdir: str, setup: training.Training, loss_fn, schedule, ba
 def _evaluate_and_save(model: evaluation.SavedModel, config, workdir: str, extra: dict) -> dict:
     """Exports the model and writes eval.json (process 0); every process evaluates its share of the test rows."""
     if distributed.is_main_process():
-        evaluation.save_model(os.path.join(workdir, "model"), model)
+        evaluation.save_model(os.fspath(epath.Path(workdir) / "model"), model)
     summary = dict(extra, **training.where_it_ran())
     if config.data.test:
         files = read_test_files(list(config.data.test))
