@@ -7,6 +7,8 @@ import pytest
 from jaxalign.align import controls, value_encoders
 from jaxalign.align.controls import RetrievalControl
 from jaxalign.align.value_encoders import PerceiverValueConfig
+from jaxalign.configs.base import load_config
+from jaxalign.data import length_buckets
 
 # The official counts (32 latents x 96, 8 + 8 heads, 8 self-attention layers) on small images and captions.
 CONFIG = PerceiverValueConfig(image_size=16, max_text_bytes=64)
@@ -43,6 +45,30 @@ def test_faithful_values_shape_and_determinism(entries, faithful_values):
     other_config = PerceiverValueConfig(image_size=16, max_text_bytes=64, seed=1)
     other = np.asarray(encode(value_encoders.init_perceiver_values(other_config), CONFIG, *entries))
     assert np.abs(other - values).max() > 1e-2
+
+
+def test_official_input_width_and_initialisation(faithful_values):
+    """Image 256 + 256 channels, padded by 4 (`min_padding_size=4`); tables N(0, 1), dense layers U(+-1/sqrt(fan_in))
+    (tests/test_perceiver_official_parity.py checks them against the PyTorch module)."""
+    params, _ = faithful_values
+    assert PerceiverValueConfig().input_width == 516 and CONFIG.input_width == 516
+    assert params["image_padding"].shape == (4,) and params["text_padding"].shape == (516 - 128,)
+    assert float(jnp.std(params["latents"])) == pytest.approx(1.0, rel=0.05)
+    key = np.asarray(params["cross"]["key"]["kernel"])   # [516, heads, head_dim]
+    assert np.abs(key).max() <= 1 / np.sqrt(516) and key.std() == pytest.approx(1 / np.sqrt(3 * 516), rel=0.03)
+    projection = np.asarray(params["image_position_projection"]["kernel"])
+    assert projection.shape == (256, 256) and np.abs(projection).max() <= 1 / 16
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_faithful_config_pads_batches_to_length_buckets(stage):
+    """Not to max_length: the faithful query pools the padding too, so less padding keeps it closer to the official
+    one; the buckets bound the compiles."""
+    config = load_config(f"jaxalign/configs/tinyalign_phi2_faithful.py:stage={stage}")
+    buckets = length_buckets.check_buckets(config.data.length_buckets, config.model.max_length)
+    assert buckets[-1] == config.model.max_length == 3072 and len(buckets) <= 8
+    assert buckets[0] > 728 + 10 * 32   # every image sample holds 728 image and 320 retrieved positions
+    assert config.data.group_by_length == (64 if stage == 2 else 0)   # as the official scripts group
 
 
 def test_faithful_values_have_the_known_defect(faithful_values):

@@ -3,19 +3,33 @@
 Two builders, one per mode.
 
 **Faithful** (`PerceiverValueConfig`, `init_perceiver_values`, `perceiver_values`): the official TinyAlign value
-encoder, a randomly initialised and never trained Perceiver (Perceiver IO, Hugging Face layout) over a multimodal
-input: (a) the image, each pixel mapped by a 1x1 convolution (a dense layer over channels) to 256 channels and
-concatenated with a learned 256-channel position encoding; (b) the caption as UTF-8 bytes (Perceiver byte ids)
-embedded to 128 channels plus 512 learned positions. Each modality is padded to a common width with a learned
-per-modality padding vector, the two are concatenated along tokens, and 32 latents of width 96 read them with one
-cross-attention (8 heads) followed by 8 self-attention layers. Output: [N, 32, 96] float32, stored in the bank.
-The parameters are drawn from `cfg.seed` with the Perceiver initialisation (normal, std 0.02), so the values are
-reproducible; they cannot be bit-identical to the PyTorch original, whose random stream differs.
+encoder, a randomly initialised and never trained Perceiver. The official code (`PerceiverMultiModalEncoder` in its
+memory-bank script) assembles it from Hugging Face's Perceiver blocks inside a plain `torch.nn.Module`:
+`PerceiverMultimodalPreprocessor(min_padding_size=4)` over `PerceiverImagePreprocessor(prep_type='conv1x1',
+out_channels=256, position_encoding_type='trainable', project_pos_dim=256)` and `PerceiverTextPreprocessor`
+(d_model 128, 512 positions), then `PerceiverEmbeddings` (32 x 96 latents) and `PerceiverEncoder` (qk and v
+channels 96, 8 + 8 heads, 8 self-attention layers, widening factor 1, exact GELU). Here, the same computation:
+(a) the image, each pixel mapped by the 1x1 convolution to 256 channels, concatenated with a learned 256-channel
+position table passed through `positions_projection` (a 256 -> 256 dense layer); (b) the caption's byte ids
+embedded to 128 channels plus learned positions. Each modality is padded to the common width (widest + 4 = 516)
+with its learned padding vector, image tokens first (the modalities in sorted name order), and the latents read
+them with one cross-attention (pre-LayerNorms on latents and inputs, query residual) and 8 self-attention layers,
+each followed by a residual LayerNorm + MLP. Output: [N, 32, 96] float32, stored in the bank.
 
-This reproduces a **known defect** on purpose: with small random weights the cross-attention is nearly uniform over
-~150K inputs and the output is dominated by the (shared) latent initialisation, so the values of different entries
-are nearly identical (mean pairwise cosine similarity above 0.9). They carry almost no information about the entry;
-a model trained with them mostly gets "more tokens". Use it only to compare with the official code.
+Initialisation: as the official module, which is not a `PreTrainedModel`, so Hugging Face's `_init_weights`
+(normal, std 0.02) never runs and every tensor keeps its PyTorch constructor's draw: latents, position tables,
+padding vectors and byte embeddings N(0, 1) (`torch.randn`, `nn.Embedding`); every dense and convolution kernel and
+bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (`kaiming_uniform_(a=sqrt(5))` and the bias rule of `nn.Linear` /
+`nn.Conv2d`); LayerNorms 1 / 0 (eps 1e-5). The draws come from `cfg.seed` (NumPy), so the values are reproducible;
+they cannot be bit-identical to the PyTorch original, whose random stream differs (and which draws a 30522-row byte
+table of which only the 262 Perceiver byte ids are ever read; here the table has those 262 rows).
+`tests/test_perceiver_official_parity.py` copies these parameters into the official module and compares outputs.
+
+This reproduces a **known defect** on purpose: the encoder is never trained, so the cross-attention over ~150K
+inputs averages them into nearly the same summary for every entry and the output is dominated by the (shared)
+latent array, so the values of different entries are nearly identical (mean pairwise cosine similarity above 0.9).
+They carry almost no information about the entry; a model trained with them mostly gets "more tokens". Use it only
+to compare with the official code.
 
 **Default** (`caption_token_values`, `retrieved_tokens_from_ids`, `pooled_image_values`): values made with the
 frozen encoders the model itself uses. The recommended value of an entry is the token ids of its caption (stage 1)
@@ -64,13 +78,19 @@ class PerceiverValueConfig:
       image_size: images are [image_size, image_size, image_channels] (384 in the official code).
       image_channels: input channels of the 1x1 convolution (3 for RGB).
       image_projection_channels: width of the 1x1 convolution's output (256).
-      image_position_channels: width of the learned image position encoding, concatenated (256).
-      text_channels: width of the byte embeddings and their position embeddings (128).
+      image_position_channels: width of the learned image position table and of its `positions_projection`
+        (256 -> 256 in the official code), concatenated after the convolution's channels.
+      text_channels: width of the byte embeddings and their position embeddings (128, `d_model`).
       max_text_bytes: caption length in byte ids, [CLS] and [SEP] included (512 learned positions).
-      min_padding: extra padding channels added to the widest modality (Hugging Face default 2).
-      widening_factor: MLP hidden width of each layer as a multiple of latent_dim (Perceiver default 1).
-      layer_norm_eps: epsilon of the LayerNorms.
+      min_padding: extra padding channels added to the widest modality (4 in the official code; Hugging Face's
+        default is 2).
+      widening_factor: MLP hidden width of each layer as a multiple of latent_dim (Perceiver default 1, the
+        official value for both the cross- and the self-attention layers).
+      layer_norm_eps: epsilon of the LayerNorms (`nn.LayerNorm`'s default; the Perceiver blocks ignore
+        `PerceiverConfig.layer_norm_eps`).
       seed: the random seed the parameters are drawn from.
+
+    The attention's query / key and value widths equal latent_dim (the official `qk_channels = v_channels = 96`).
     """
 
     num_latents: int = 32
@@ -84,7 +104,7 @@ class PerceiverValueConfig:
     image_position_channels: int = 256
     text_channels: int = 128
     max_text_bytes: int = 512
-    min_padding: int = 2
+    min_padding: int = 4
     widening_factor: int = 1
     layer_norm_eps: float = 1e-5
     seed: int = 0
@@ -104,8 +124,24 @@ class PerceiverValueConfig:
         return max(image, self.text_channels) + self.min_padding
 
 
+def _torch_default(shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> ParamSpec:
+    """A kernel or bias as PyTorch's `nn.Linear` / `nn.Conv2d` draw it: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the
+    kernel's `kaiming_uniform_(a=sqrt(5))` has exactly that bound)."""
+    return ParamSpec(shape, axes, "uniform", 1.0 / np.sqrt(fan_in))
+
+
+def _unit_normal(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> ParamSpec:
+    """A table as `torch.randn` / `nn.Embedding` draw it: N(0, 1)."""
+    return ParamSpec(shape, axes, "normal", 1.0)
+
+
+def _dense_specs(in_dim: int, out_dim: int, in_axis: str | None, out_axis: str | None) -> dict:
+    return {"kernel": _torch_default((in_dim, out_dim), (in_axis, out_axis), in_dim),
+            "bias": _torch_default((out_dim,), (out_axis,), in_dim)}
+
+
 def _perceiver_layer_specs(query_dim: int, key_dim: int | None, num_heads: int, widening: int) -> dict:
-    """One Perceiver layer: LayerNorms, attention (q/k/v width = query_dim), output projection, MLP.
+    """One `PerceiverLayer`: LayerNorms, attention (q/k/v width = query_dim), output projection, MLP.
 
     key_dim None makes a self-attention layer (keys and values are the normed latents, no second LayerNorm).
     """
@@ -114,35 +150,38 @@ def _perceiver_layer_specs(query_dim: int, key_dim: int | None, num_heads: int, 
     head_dim = query_dim // num_heads
 
     def projection(in_dim: int) -> dict:
-        return {"kernel": ParamSpec((in_dim, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM)),
-                "bias": ParamSpec((num_heads, head_dim), (HEADS, HEAD_DIM), "zeros")}
+        return {"kernel": _torch_default((in_dim, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM), in_dim),
+                "bias": _torch_default((num_heads, head_dim), (HEADS, HEAD_DIM), in_dim)}
 
     specs = {"query_norm": layers.norm_spec(query_dim), "query": projection(query_dim),
              "key": projection(key_dim), "value": projection(key_dim),
-             "out": {"kernel": ParamSpec((num_heads, head_dim, query_dim), (HEADS, HEAD_DIM, EMBED)),
-                     "bias": ParamSpec((query_dim,), (EMBED,), "zeros")},
+             "out": {"kernel": _torch_default((num_heads, head_dim, query_dim), (HEADS, HEAD_DIM, EMBED), query_dim),
+                     "bias": _torch_default((query_dim,), (EMBED,), query_dim)},
              "mlp_norm": layers.norm_spec(query_dim),
-             "mlp_in": layers.dense_spec(query_dim, widening * query_dim, EMBED, MLP),
-             "mlp_out": layers.dense_spec(widening * query_dim, query_dim, MLP, EMBED)}
+             "mlp_in": _dense_specs(query_dim, widening * query_dim, EMBED, MLP),
+             "mlp_out": _dense_specs(widening * query_dim, query_dim, MLP, EMBED)}
     if cross:
         specs["key_norm"] = layers.norm_spec(key_dim)
     return specs
 
 
 def perceiver_value_specs(cfg: PerceiverValueConfig) -> dict:
-    """`ParamSpec`s of the random value encoder (weights normal with std 0.02 as Perceiver initialises them,
-    biases 0, LayerNorms 1 / 0)."""
+    """`ParamSpec`s of the random value encoder, with the official module's initialisation (module docstring):
+    tables N(0, 1), kernels and biases U(+-1/sqrt(fan_in)), LayerNorms 1 / 0."""
     width = cfg.input_width
     num_pixels = cfg.image_size * cfg.image_size
     image_width = cfg.image_projection_channels + cfg.image_position_channels
+    positions = cfg.image_position_channels
     return {
-        "image_projection": layers.dense_spec(cfg.image_channels, cfg.image_projection_channels, None, EMBED),
-        "image_positions": ParamSpec((num_pixels, cfg.image_position_channels), (None, EMBED)),
-        "image_padding": ParamSpec((width - image_width,), (EMBED,)),
-        "byte_embedding": ParamSpec((BYTE_VOCAB, cfg.text_channels), (None, EMBED)),
-        "byte_positions": ParamSpec((cfg.max_text_bytes, cfg.text_channels), (None, EMBED)),
-        "text_padding": ParamSpec((width - cfg.text_channels,), (EMBED,)),
-        "latents": ParamSpec((cfg.num_latents, cfg.latent_dim), (None, EMBED)),
+        # The 1x1 convolution: fan_in = input channels x 1 x 1.
+        "image_projection": _dense_specs(cfg.image_channels, cfg.image_projection_channels, None, EMBED),
+        "image_positions": _unit_normal((num_pixels, positions), (None, EMBED)),
+        "image_position_projection": _dense_specs(positions, positions, None, EMBED),
+        "image_padding": _unit_normal((width - image_width,), (EMBED,)),
+        "byte_embedding": _unit_normal((BYTE_VOCAB, cfg.text_channels), (None, EMBED)),
+        "byte_positions": _unit_normal((cfg.max_text_bytes, cfg.text_channels), (None, EMBED)),
+        "text_padding": _unit_normal((width - cfg.text_channels,), (EMBED,)),
+        "latents": _unit_normal((cfg.num_latents, cfg.latent_dim), (None, EMBED)),
         "cross": _perceiver_layer_specs(cfg.latent_dim, width, cfg.num_cross_heads, cfg.widening_factor),
         "self": layers.stack_specs(
             _perceiver_layer_specs(cfg.latent_dim, None, cfg.num_self_heads, cfg.widening_factor),
@@ -153,7 +192,8 @@ def perceiver_value_specs(cfg: PerceiverValueConfig) -> dict:
 def init_perceiver_values(cfg: PerceiverValueConfig) -> dict:
     """The encoder's parameters, drawn from `cfg.seed` (same seed, same parameters, on any backend).
 
-    Normal leaves have std 0.02 (Perceiver's `initializer_range`), LayerNorms scale 1 and bias 0.
+    Tables N(0, 1), kernels and biases uniform in +-1/sqrt(fan_in), LayerNorms scale 1 and bias 0: the
+    distributions the official (PyTorch) module is drawn from.
     """
     # Drawn with NumPy: identical on every backend and host, fast for the official 37M-parameter position table,
     # and free of the per-shape random-kernel compilations of `layers.init_params` (this encoder is never trained).
@@ -161,7 +201,9 @@ def init_perceiver_values(cfg: PerceiverValueConfig) -> dict:
 
     def draw(spec: ParamSpec) -> jax.Array:
         if spec.init == "normal":
-            return jnp.asarray(rng.normal(0.0, spec.scale, spec.shape).astype(np.float32))
+            return jnp.asarray(rng.standard_normal(spec.shape, np.float32) * np.float32(spec.scale))
+        if spec.init == "uniform":
+            return jnp.asarray(rng.uniform(-spec.scale, spec.scale, spec.shape).astype(np.float32))
         if spec.init in ("ones", "zeros"):
             return jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, jnp.float32)
         raise ValueError(f"unexpected initialiser {spec.init!r} in the value encoder's specs")
@@ -217,7 +259,9 @@ def perceiver_values(params: dict, cfg: PerceiverValueConfig, images: jax.Array,
       params: from `init_perceiver_values(cfg)`.
       cfg: the encoder config.
       images: [N, image_size, image_size, image_channels] pixel values (any fixed normalisation).
-      byte_ids, byte_mask: [N, max_text_bytes] from `caption_bytes`.
+      byte_ids, byte_mask: [N, max_text_bytes] from `caption_bytes`. The cross-attention ignores the padding
+        bytes, which gives what the official code computes for one unpadded caption at a time (it encodes
+        entries one by one, with no mask).
     Returns:
       [N, num_latents, latent_dim] float32.
     """
@@ -232,9 +276,12 @@ def perceiver_values(params: dict, cfg: PerceiverValueConfig, images: jax.Array,
     pixels = images.astype(jnp.float32).reshape(count, -1, cfg.image_channels)
     num_pixels = pixels.shape[1]
     image_width = cfg.image_projection_channels + cfg.image_position_channels
+    # `positions_projection` of the image preprocessor (project_pos_dim 256): a dense layer on the position table,
+    # applied once per call, before the table is shared by the batch's images.
+    positions = layers.dense(params["image_position_projection"], params["image_positions"])
     image = jnp.concatenate([
         layers.dense(params["image_projection"], pixels),
-        jnp.broadcast_to(params["image_positions"][None], (count, num_pixels, cfg.image_position_channels)),
+        jnp.broadcast_to(positions[None], (count, num_pixels, cfg.image_position_channels)),
         jnp.broadcast_to(params["image_padding"], (count, num_pixels, width - image_width))], axis=-1)
     text = jnp.take(params["byte_embedding"], byte_ids, axis=0) + params["byte_positions"][None]
     text = jnp.concatenate([text, jnp.broadcast_to(params["text_padding"],
