@@ -70,7 +70,9 @@ def make_loss_fn(cfg: model_lib.TinyAlignConfig, memory: Any, train: bool = True
     batch without answer tokens. Metrics: 'num_tokens' (answer tokens in the batch), 'loss_weight' (the same
     count, `jaxalign.train.step.LOSS_WEIGHT`: micro-batches are weighted by it), 'loss_sum' and, with
     retrieval, 'own_id_retrieved' (share of retrieved neighbours that are the sample itself: 0 with
-    leave-one-out) and 'retrieval_score' (mean top-1 score).
+    leave-one-out), 'same_group_retrieved' when the batch carries `group_member_ids` (share of retrieved
+    neighbours of the sample's group, itself included: 0 with leave_out 'group'; under 'self' it measures
+    what a test sample can never retrieve) and 'retrieval_score' (mean top-1 score).
     """
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         hidden, labels, aux = model_lib.vlm_forward(params, cfg, batch, memory, rng, train)
@@ -80,6 +82,9 @@ def make_loss_fn(cfg: model_lib.TinyAlignConfig, memory: Any, train: bool = True
             found = aux["retrieved_ids"] >= 0
             own = model_lib.sample_ids_equal(aux["retrieved_ids"], batch["sample_index"]) & found
             metrics["own_id_retrieved"] = jnp.sum(own) / jnp.maximum(jnp.sum(found), 1)
+            if model_lib.GROUP_FIELD in batch:
+                same = model_lib.in_sample_group(aux["retrieved_ids"], batch[model_lib.GROUP_FIELD])
+                metrics["same_group_retrieved"] = jnp.sum(same & found) / jnp.maximum(jnp.sum(found), 1)
             metrics["retrieval_score"] = jnp.mean(aux["scores"][:, 0])
         return loss_sum / jnp.maximum(count, 1.0), metrics
     return loss_fn

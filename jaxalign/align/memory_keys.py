@@ -35,13 +35,29 @@ Public API:
   load_or_build_bank(directory, fingerprint, build, mesh, extra=None) -> (MemoryBank, info)
   RetrievalMemory(bank, permutation, num_rows); RetrievalMemory.create(bank, shuffle_seed=None)
   own_rows(bank, sample_ids [B]) -> [B] storage rows of the samples' own entries (-1: absent)
+  image_group_key(record, image_root='') -> the key shared by every record of one image (None: no image)
+  record_group_keys(source, indexes, image_root='') -> [image_group_key of each record]
+  GroupMembers(row_group, members): training-source rows [b] -> [b, G] bank ids of each row's group
+  group_members(train_rows, train_keys, num_train_rows, bank_ids, bank_keys, same_source) -> GroupMembers
+  source_group_members(train_source, train_rows, memory_source, bank_ids, group_by='image', ...) -> GroupMembers
 The key encoder itself is `jaxalign.align.model.make_bank_encoder` (it needs the model's parts).
+
+**Leave-one-out by group.** A training sample that retrieves another entry of its own image (on easy-vqa, a
+sibling question about the same picture) sees something no test sample can see: test images are not in the
+bank. With `leave_out='group'` each sample excludes every bank entry of its group. The groups are computed once
+per run on the host (`source_group_members`: one key per record, read from the records' `image_id` or image file
+name, compared across sources, so a bank of captions excludes the caption of a question's image); each training
+batch then carries `group_member_ids` [B, G] (`GroupMembers`, G = the largest group in the bank, fixed for the
+run), which the search takes as its per-query excluded ids inside the jitted step. Masking costs B x G id
+comparisons per scored bank row, no [B, N] mask is ever built.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
-from typing import Any, Callable, Iterable, Iterator
+import posixpath
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +205,159 @@ def own_rows(bank: bank_lib.MemoryBank, sample_ids: jax.Array) -> jax.Array:
     ids = jnp.where(bank.ids < 0, jnp.iinfo(jnp.int32).max, bank.ids)
     position = jnp.clip(jnp.searchsorted(ids, sample_ids.astype(jnp.int32)), 0, ids.shape[0] - 1)
     return jnp.where(ids[position] == sample_ids, position, -1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------- leave-one-out groups
+GROUP_BY = ("image",)
+_KEY_READ_CHUNK = 4096
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def image_group_key(record: Mapping[str, Any], image_root: str = "") -> Hashable | None:
+    """The key every record of one image shares: easy-vqa's `image_id`; a LLaVA record's image file (its
+    `image_path` joined to `image_root`, the folder the paths are relative to, so that two JSON files with
+    different roots still agree); otherwise the SHA-1 of the image bytes. None for a text-only record."""
+    if "image_id" in record:
+        return ("image_id", int(record["image_id"]))
+    path = _text(record.get("image_path", ""))
+    if path:
+        return ("path", posixpath.normpath(posixpath.join(image_root, path)))
+    image = bytes(record.get("image", b"") or b"")
+    return ("sha1", hashlib.sha1(image).hexdigest()) if image else None
+
+
+def _tfds_group_keys(source: Any, indexes: np.ndarray, image_root: str) -> list | None:
+    """`image_group_key` of tfds array_record records, parsing only their `image_id` / `image_path` feature from
+    the raw bytes: a full decode copies every image (about 30 times slower). None when `source` is not a tfds
+    data source with one of those features (the caller then decodes whole records)."""
+    raw, info = getattr(source, "data_source", None), getattr(source, "dataset_info", None)
+    if raw is None or info is None or not hasattr(raw, "__getitems__"):
+        return None
+    names = set(info.features.keys())
+    name = "image_id" if "image_id" in names else "image_path" if "image_path" in names else None
+    if name is None:
+        return None
+    try:
+        from tensorflow_datasets.core import example_parser
+        example_proto = example_parser.tf_example_pb2.Example
+    except (ImportError, AttributeError):
+        return None
+    keys: list = []
+    for start in range(0, len(indexes), _KEY_READ_CHUNK):
+        for serialized in raw.__getitems__(indexes[start:start + _KEY_READ_CHUNK].tolist()):
+            feature = example_proto.FromString(serialized).features.feature[name]
+            if name == "image_id":
+                keys.append(("image_id", int(feature.int64_list.value[0])))
+            else:
+                path = feature.bytes_list.value[0].decode("utf-8") if feature.bytes_list.value else ""
+                keys.append(("path", posixpath.normpath(posixpath.join(image_root, path))) if path else None)
+    return keys
+
+
+def record_group_keys(source: Any, indexes: Sequence[int], image_root: str = "") -> list:
+    """`image_group_key` of `source[index]` for each index (any random-access source of record dicts)."""
+    indexes = np.asarray(indexes, np.int64).reshape(-1)
+    fast = _tfds_group_keys(source, indexes, image_root)
+    if fast is not None:
+        return fast
+    return [image_group_key(source[int(index)], image_root) for index in indexes]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupMembers:
+    """Each training sample's group in the bank: called on a batch's `sample_index` [b] (training-source rows),
+    it gives the [b, G] bank ids the samples may not retrieve under `leave_out='group'`, padded with -1.
+
+    Attributes:
+      row_group: [training-source rows] int32 group number of each row; -1: its group has no entry in the bank;
+        -2: the row was not in the training selection the table was built for (an error when asked for).
+      members: [groups + 1, G] int32 bank ids of each group, sorted, -1 padded; the last row is all -1 (the
+        group of rows with none). G (`width`) is the largest group in the bank: one static shape per run.
+    """
+
+    row_group: np.ndarray
+    members: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return int(self.members.shape[1])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.members.shape[0]) - 1
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """[b, G] int32 bank ids of the groups of training-source rows [b]; a padding row (-1) gets none."""
+        rows = np.asarray(rows, np.int64)
+        group = np.where(rows >= 0, self.row_group[np.clip(rows, 0, len(self.row_group) - 1)], -1)
+        if (group == -2).any() or (rows >= len(self.row_group)).any():
+            missing = rows[(group == -2) | (rows >= len(self.row_group))][:10].tolist()
+            raise ValueError(f"training rows {missing} are not in the selection the leave-one-out groups were "
+                             "computed for (memory_keys.source_group_members(train_rows=...)); build them with the "
+                             "rows the run trains on")
+        return self.members[group].astype(np.int32)   # group -1 reads the last, all -1, row
+
+
+def group_members(train_rows: Sequence[int], train_keys: Sequence[Hashable | None], num_train_rows: int,
+                  bank_ids: Sequence[int], bank_keys: Sequence[Hashable | None], same_source: bool) -> GroupMembers:
+    """The `GroupMembers` table from group keys (`image_group_key`): the group of training row r is every bank
+    id whose key equals r's.
+
+    Args:
+      train_rows: [n] training-source rows that batches can hold (the training selection); train_keys: their keys.
+      num_train_rows: rows in the training source.
+      bank_ids: [N] the bank's ids (memory-source rows); bank_keys: their keys.
+      same_source: the bank was built from the training source, so bank id r is training row r: a row without
+        a key (a text-only sample) is then a group of its own entry, and every row's group holds its own entry
+        (when in the bank). Otherwise a row without a key excludes nothing.
+    """
+    def keyed(row, key):
+        return ("row", int(row)) if key is None and same_source else key
+
+    entries: dict[Hashable, list[int]] = {}
+    for bank_id, key in zip(np.asarray(bank_ids).tolist(), bank_keys):
+        key = keyed(bank_id, key)
+        if key is not None:
+            entries.setdefault(key, []).append(int(bank_id))
+    width = max((len(ids) for ids in entries.values()), default=1)
+    members = np.full((len(entries) + 1, width), -1, np.int32)
+    number = {}
+    for group, (key, ids) in enumerate(entries.items()):
+        members[group, :len(ids)] = sorted(ids)
+        number[key] = group
+    row_group = np.full(num_train_rows, -2, np.int32)
+    for row, key in zip(np.asarray(train_rows).tolist(), train_keys):
+        row_group[row] = number.get(keyed(row, key), -1)
+    return GroupMembers(row_group=row_group, members=members)
+
+
+def source_group_members(train_source: Any, train_rows: Sequence[int], memory_source: Any, bank_ids: Sequence[int],
+                         group_by: str = "image", train_image_root: str = "", memory_image_root: str = ""
+                         ) -> GroupMembers:
+    """`group_members` of a run: reads the group key of every training row and bank entry once (one pass over
+    the records; the tfds fast path parses only the image id / path field).
+
+    Args:
+      train_source, memory_source: the run's sources (the same object when the bank is built from the training
+        data; its ids are then training rows).
+      train_rows: the training selection (`pipeline.select_fraction`); bank_ids: `bank.host_ids()`.
+      group_by: what a group is: 'image' (the records' image, `image_group_key`).
+      train_image_root, memory_image_root: LLaVA: the folders the sources' image paths are relative to.
+    """
+    if group_by not in GROUP_BY:
+        raise ValueError(f"config.retrieval.group_by={group_by!r}; expected one of {GROUP_BY} (or '' for no groups)")
+    same_source = memory_source is train_source
+    train_rows = np.asarray(train_rows, np.int64)
+    bank_ids = np.asarray(bank_ids, np.int64)
+    if same_source:
+        rows = np.union1d(train_rows, bank_ids)
+        known = dict(zip(rows.tolist(), record_group_keys(train_source, rows, train_image_root)))
+        train_keys = [known[row] for row in train_rows.tolist()]
+        bank_keys = [known[row] for row in bank_ids.tolist()]
+    else:
+        train_keys = record_group_keys(train_source, train_rows, train_image_root)
+        bank_keys = record_group_keys(memory_source, bank_ids, memory_image_root)
+    return group_members(train_rows, train_keys, len(train_source), bank_ids, bank_keys, same_source)

@@ -6,13 +6,14 @@ Parameters are namespaced like big_vision's VLMs: {'vision': ..., 'connector': .
     pixels ──vision (frozen, stop-gradient)──► features ──connector──► image tokens ───────────────┐
     input_ids (sentinels -> pad) ──LM embedding──► text embeddings ────────────────────────────────┤
     query = retrieval_key(features | image tokens, text embeddings)      (stop-gradient)           │
-    memory.search(query, k, exclude_ids = own id in training) ──► rows ──control──► values ────────┤
+    memory.search(query, k, exclude_ids = own id / group in training) ──► rows ──control──► values┤
     values ──(token ids: LM embedding)──retrieval connector──► retrieved tokens ───────────────────┤
     splice [prefix][image tokens][retrieved tokens][rest] ──► LM ──► hidden states ──► CE on answers
 
 Modes (`TinyAlignConfig.query.mode`):
 - 'default': keys and queries from the frozen encoders (`memory_keys.default_key`), token-id values of the
-  neighbours' answers / captions embedded with the LM's own table, leave-one-out in training.
+  neighbours' answers / captions embedded with the LM's own table, leave-one-out in training: of the sample's
+  own entry, or with `leave_out_group` of every entry of its group (its image; the batch's `group_member_ids`).
 - 'faithful': the official recipe: softmax-mean query over connector outputs and all text from `text_start`
   (padding and answers included), Perceiver latent values, no leave-one-out (a sample can retrieve itself).
 Control 'off' is the TinyLLaVA baseline: no search and no retrieved tokens at all.
@@ -25,6 +26,8 @@ Public API:
   retrieval_key(params, cfg, batch, features, image_tokens, text_embeddings) -> [B, key_dim]
   build_lm_inputs(params, cfg, batch, memory, train, padding_side='right') -> (SplicedInputs, aux)
   vlm_forward(params, cfg, batch, memory, rng, train) -> (hidden [B, L, E], labels [B, L], aux)
+  excluded_ids(cfg, batch, train) -> None | [B] own ids | [B, G] group ids: what the search leaves out
+  in_sample_group(retrieved_ids [B, k], group_member_ids [B, G]) -> [B, k] bool
   make_bank_encoder(cfg, perceiver_cfg=None) -> encode(params, perceiver_params, batch) -> (keys, values)
   numpy_batch(batch) -> the array fields of a pipeline batch
 """
@@ -48,6 +51,7 @@ from jaxalign.models.vit import VisionConfig
 
 PyTree = Any
 VALUE_KINDS = ("tokens", "latents")
+GROUP_FIELD = "group_member_ids"   # training batches: [B, G] bank ids of each sample's group (leave_out 'group')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,8 @@ class TinyAlignConfig:
       value_length: tokens per value (token values) or latents per value (32 for the Perceiver).
       k: neighbours per sample.
       leave_one_out: in training, a sample may not retrieve its own entry (the default mode; faithful: False).
+      leave_out_group: with leave_one_out, nor any entry of its group (same image): the batch's
+        `group_member_ids` [B, G] (`memory_keys.GroupMembers`). `leave_out` names the three settings.
       vision_layer: which vision layer feeds the connector (Hugging Face hidden_states indexing; -2 as LLaVA).
       drop_first_vision_token: drop feature token 0 (the official code's inherited CLIP class-token bug, which
         with SigLIP drops a real patch); True in faithful mode.
@@ -82,6 +88,7 @@ class TinyAlignConfig:
     value_length: int = 8
     k: int = 3
     leave_one_out: bool = True
+    leave_out_group: bool = False
     vision_layer: int = -2
     drop_first_vision_token: bool = False
     search_method: str = "exact"
@@ -102,6 +109,13 @@ class TinyAlignConfig:
                              f"the LM width {self.lm.hidden_size}, got {self.retrieval_connector.in_dim}")
         if self.k < 1 or self.value_length < 1:
             raise ValueError(f"k={self.k} and value_length={self.value_length} must be >= 1")
+
+    @property
+    def leave_out(self) -> str:
+        """What a training sample may not retrieve: 'none', 'self' (its own entry) or 'group' (its group's)."""
+        if not self.leave_one_out:
+            return "none"
+        return "group" if self.leave_out_group else "self"
 
     @property
     def retrieval(self) -> bool:
@@ -196,17 +210,36 @@ def retrieval_key(params: dict, cfg: TinyAlignConfig, batch: dict, features: jax
     return memory_keys.default_key(features, embeddings, text_mask, query_cfg.image_weight, query_cfg.text_weight)
 
 
+def excluded_ids(cfg: TinyAlignConfig, batch: dict, train: bool) -> jax.Array | None:
+    """The bank ids each sample may not retrieve: None (evaluation, or leave_out 'none'), its own id [B]
+    ('self'), or its group's ids [B, G] from the batch's `group_member_ids` ('group', -1 padded)."""
+    if not (train and cfg.leave_one_out):
+        return None
+    if not cfg.leave_out_group:
+        return batch["sample_index"]
+    if GROUP_FIELD not in batch:
+        raise ValueError(f"leave_out='group' needs the batch field {GROUP_FIELD!r} [B, G] (the bank ids of each "
+                         "sample's group): make the training batches with pipeline.make_vqa_dataset(group_members="
+                         "memory_keys.source_group_members(...)), as tinyalign_setup.build_run sets up")
+    return batch[GROUP_FIELD]
+
+
 def _retrieve(params: dict, cfg: TinyAlignConfig, memory: memory_keys.RetrievalMemory, query: jax.Array,
-              sample_ids: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, dict]:
+              sample_ids: jax.Array, exclude: jax.Array | None) -> tuple[jax.Array, jax.Array, dict]:
     """Search, control and value mapping: retrieved tokens [B, Nr, d], their mask [B, Nr] and search info."""
     bank = memory.bank
-    exclude = sample_ids if (train and cfg.leave_one_out) else None
     result = bank.search(query, cfg.k, method=cfg.search_method, exclude_ids=exclude, with_values=False)
     found = result.rows >= 0                                                   # [B, k]
     if cfg.control.kind == "real":
         value_rows = result.rows
     else:
-        own = memory_keys.own_rows(bank, sample_ids) if exclude is not None else None
+        own = None
+        if exclude is not None:
+            # A control never hands a sample its own value. With groups, the own entry is in the sample's group
+            # only when the bank holds the training rows (else the id would name another source's record).
+            own_ids = exclude if exclude.ndim == 1 else jnp.where(
+                jnp.any(exclude == sample_ids[:, None], axis=1), sample_ids, -1)
+            own = memory_keys.own_rows(bank, own_ids)
         value_rows = controls.controlled_value_ids(cfg.control, jnp.where(found, result.rows, 0), memory.num_rows,
                                                    memory.permutation, own)
     value_rows = jnp.where(found, value_rows, -1)
@@ -233,7 +266,7 @@ def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: mem
       params: {'vision', 'connector', 'retrieval_connector', 'lm'}.
       cfg: the model.
       batch: pixels [B, H, W, C]; input_ids, labels, attention_mask [B, L]; image_index, retrieval_index,
-        text_start, sample_index [B] (the pipeline's batch).
+        text_start, sample_index [B] (the pipeline's batch); with `cfg.leave_out_group`, group_member_ids [B, G].
       memory: the bank (ignored, may be None, when retrieval is off).
       train: leave-one-out applies only in training (evaluation samples are not in the bank).
       padding_side: 'right' for training, 'left' for generation prompts.
@@ -256,7 +289,8 @@ def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: mem
         if memory is None:
             raise ValueError(f"retrieval control {cfg.control.kind!r} needs a memory bank; pass memory=...")
         query = retrieval_key(params, cfg, batch, features, tokens, embeddings)
-        retrieved, retrieved_mask, info = _retrieve(params, cfg, memory, query, batch["sample_index"], train)
+        retrieved, retrieved_mask, info = _retrieve(params, cfg, memory, query, batch["sample_index"],
+                                                    excluded_ids(cfg, batch, train))
         aux.update(info, query=query)
     max_length = cfg.max_length
     if padding_side == "right":
@@ -311,6 +345,13 @@ def make_bank_encoder(cfg: TinyAlignConfig, perceiver_cfg: value_encoders.Percei
 def sample_ids_equal(retrieved_ids: jax.Array, sample_ids: jax.Array) -> jax.Array:
     """[B, k] bool: where a retrieved id is the sample's own id (leave-one-out must make this all False)."""
     return retrieved_ids == sample_ids[:, None]
+
+
+def in_sample_group(retrieved_ids: jax.Array, group_member_ids: jax.Array) -> jax.Array:
+    """[B, k] bool: where a retrieved id is one of the sample's group members [B, G] (-1 padding never matches a
+    found id; leave-one-out by group must make this all False)."""
+    hit = jnp.any(retrieved_ids[:, :, None] == group_member_ids[:, None, :], axis=-1)
+    return hit & (retrieved_ids >= 0)
 
 
 def numpy_batch(batch: dict) -> dict:

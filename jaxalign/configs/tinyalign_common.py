@@ -42,7 +42,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.retrieval.mode = "default"   # 'default' (fixed recipe) or 'faithful' (official code)
     c.retrieval.k = 3
     c.retrieval.value_length = 8   # default mode: answer / caption tokens per value
-    c.retrieval.leave_one_out = True
+    # What a training sample may not retrieve: 'none'; 'self' (its own entry); 'group' (every entry of its group,
+    # `group_by`, as at test time, when no record of the same image is in the bank). Faithful mode: 'none'.
+    c.retrieval.leave_out = "self"
+    c.retrieval.leave_one_out = True  # the older switch: False means leave_out 'none'
+    c.retrieval.group_by = "image"  # a group: the records of one image (easy-vqa image_id, LLaVA image file);
+    #                                 '' computes no groups (then no 'group', no 'same_group_retrieved' metric)
+    # The bank's share of its source: 'same' (the share the run trains on, data.fraction, for a bank of the
+    # training data; all of a separate memory source) or a number in (0, 1] whatever data.fraction is (1.0: the
+    # memory stays fixed while the fine-tuning data shrinks). Bank ids are source rows either way, so
+    # leave-one-out lines up. A string from the command line ('1.0') is read as the number.
+    c.retrieval.memory_fraction = ml_collections.FieldReference("same", field_type=object)
     c.retrieval.image_weight = 0.4
     c.retrieval.text_weight = 0.6
     c.retrieval.text_start = 35    # faithful mode: fallback query text start (measured per sample otherwise)
@@ -69,12 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_json = "eval.json"
     c.data.eval_name = "eval"
     c.data.eval_image_root = ""
-    c.data.memory_json = ""        # llava: JSON the bank is built from ('' = the training data); leave-one-out
-    c.data.memory_name = "memory"  #   applies only when the bank is built from the training data itself
+    c.data.memory_json = ""        # llava: JSON the bank is built from ('' = the training data); leave_out
+    c.data.memory_name = "memory"  #   'self' applies only to a bank of the training data, 'group' to any bank
     c.data.memory_image_root = ""
     c.data.template = "plain"      # chat template (jaxalign.data.chat_templates.TEMPLATES)
     c.data.insert_retrieval = True  # put the <rag> sentinel after <image> (retrieval runs only)
-    c.data.fraction = 1.0          # share of the training data (the memory bank uses the same share)
+    c.data.fraction = 1.0          # share of the training data (the bank's: retrieval.memory_fraction)
     c.data.fraction_seed = 0
     c.data.truncate = False        # cut over-long samples instead of skipping (and reporting) them
     c.data.pad_to_square = False

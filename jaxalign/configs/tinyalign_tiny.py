@@ -10,7 +10,8 @@ package, nothing downloaded):
 
 Variants (`:key=value,...`): retrieval=real|shuffled|constant|off, k=N, fraction=0.4, mode=default|faithful,
 data=easy_vqa|llava (llava: also --config.data.manual_dir=DIR --config.data.data_dir=DIR, JSON files
-captions.json / questions.json / eval.json as the tests write them), steps=N.
+captions.json / questions.json / eval.json as the tests write them), steps=N, leave_out=none|self|group,
+memory_fraction=same|1.0 (the paper's 40% setting: `fraction=0.4,memory_fraction=1.0,leave_out=group`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from jaxalign.configs.tinyalign_common import base_config
 
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, stage=1, retrieval="real", k=2, fraction=1.0, mode="default", data="easy_vqa", steps=40)
+    arg = parse_arg(arg, stage=1, retrieval="real", k=2, fraction=1.0, mode="default", data="easy_vqa", steps=40,
+                    leave_out="self", memory_fraction="same")
     c = base_config()
     c.stage = arg.stage
     c.mesh = (-1, 1, 1)
@@ -33,6 +35,8 @@ def get_config(arg: str | None = None):
     c.retrieval.mode = arg.mode
     c.retrieval.k = arg.k
     c.retrieval.value_length = 4
+    c.retrieval.leave_out = arg.leave_out
+    c.retrieval.memory_fraction = arg.memory_fraction
     if arg.mode == "faithful":
         c.model.retrieval_connector = "rag2x_gelu"
         c.model.identity_retrieval_init = False

@@ -46,6 +46,10 @@ Less padding (`length_buckets`, `group_by_length`; see `length_buckets` for the 
    restored step with `start_state`); the line printed at the end of each pass shows it so far. It is not split
    by pass because in grouped mode a window mixes the end of one pass with the start of the next. Replayed steps
    count with this host's own bucket (the hosts' agreement is not replayed).
+
+Leave-one-out by group (`group_members`, TinyAlign's `leave_out='group'`): a callable from a batch's
+`sample_index` [B] to [B, G] int32 bank ids (`jaxalign.align.memory_keys.GroupMembers`); training batches then
+carry them as `group_member_ids`. Evaluation batches never do: a test sample excludes nothing.
 """
 from __future__ import annotations
 
@@ -117,12 +121,14 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         padding: the `PaddingStats` of the batches built or replayed so far (module docstring, 7).
         host_indexes: the source indexes this host reads.
         length_buckets: the checked buckets (() when off); group_by_length: batches per sorted window (0: off).
+        group_members: sample_index [B] -> group_member_ids [B, G], added to every batch (None: not added).
     """
 
     def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, seed: int, host_indexes: np.ndarray,
                  shuffle: bool, num_epochs: int | None, fail_fast: bool, verbose: bool,
                  length_buckets: Sequence[int] = (), group_by_length: int = 0,
-                 agree_length: Callable[[int], int] | None = None):
+                 agree_length: Callable[[int], int] | None = None,
+                 group_members: Callable[[np.ndarray], np.ndarray] | None = None):
         if len(host_indexes) == 0:
             raise ValueError("this host's slice of the data is empty; use fewer processes or more data")
         if group_by_length < 0:
@@ -134,6 +140,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         self.length_buckets = check_buckets(length_buckets, spec.max_length)
         self.group_by_length = int(group_by_length)
         self.agree_length = agree_length
+        self.group_members = group_members
         self.epoch, self.position, self.step = 0, 0, 0
         self._report_covers_pass = True  # False while the report lacks the start of the pass (after `restore`)
         self.report = SkipReport()
@@ -282,7 +289,10 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
                                  f"bucket >= this host's {length} (buckets {self.length_buckets})")
             length = agreed
         self.padding.add(lengths, length)
-        return collate(samples, self.spec, length=length)
+        batch = collate(samples, self.spec, length=length)
+        if self.group_members is not None:
+            batch["group_member_ids"] = np.asarray(self.group_members(batch["sample_index"]), np.int32)
+        return batch
 
 
 def make_vqa_dataset(
@@ -314,13 +324,15 @@ def make_vqa_dataset(
     length_buckets: Sequence[int] = (),
     group_by_length: int = 0,
     agree_length: Callable[[int], int] | None = None,
+    group_members: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> TrainBatches:
     """Training batches of this host: an iterator of dicts of numpy arrays, each with `batch_size` rows.
 
     Batch: pixels [B, H, W, 3] float32 (zeros for text-only samples); input_ids, labels, attention_mask [B, L]
     int32 (right padded to `max_length`, or to the batch's length bucket); image_index, retrieval_index,
     text_start [B] int32 (-1: none);
-    sample_index [B] int32, the record's row in `data_source` (the memory-bank id for leave-one-out).
+    sample_index [B] int32, the record's row in `data_source` (the memory-bank id for leave-one-out);
+    with `group_members`, group_member_ids [B, G] int32 (the bank ids of each sample's group, -1 padded).
 
     Args:
         data_source: random access records (`tfds.data_source(...)`, or any sequence of dicts).
@@ -344,6 +356,8 @@ def make_vqa_dataset(
         agree_length: `(this host's padded length) -> the step's padded length`, called once per built batch
             when bucketing; every host must get the same answer. Default: the largest over the JAX processes
             (`length_buckets.max_over_processes`) when `process_count` > 1, else this host's own.
+        group_members: `sample_index [B] -> [B, G]` bank ids of each sample's group (module docstring); the
+            batches then carry `group_member_ids`. None: no such field.
     """
     process_index, process_count = _jax_process(process_index, process_count)
     if agree_length is None and process_count > 1:
@@ -352,7 +366,8 @@ def make_vqa_dataset(
                       image_length, retrieval_length, pad_to_square, truncate)
     selected = np.sort(select_fraction(len(data_source), fraction, seed if fraction_seed is None else fraction_seed))
     iterator = TrainBatches(data_source, spec, batch_size, seed, host_slice(selected, process_index, process_count),
-                            shuffle, num_epochs, fail_fast, verbose, length_buckets, group_by_length, agree_length)
+                            shuffle, num_epochs, fail_fast, verbose, length_buckets, group_by_length, agree_length,
+                            group_members)
     if start_state is not None:
         iterator.restore(start_state)
     else:
@@ -440,15 +455,17 @@ def make_eval_dataset(
     verbose: bool = True,
     length_buckets: Sequence[int] = (),
     group_by_length: int = 0,
+    group_members: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvalBatches:
     """Evaluation batches of this host (see `EvalBatches`); iterate it once per evaluation.
 
     With `for_generation` the rows are prompts (the conversation up to its last answer, left padded, labels all
     ignored) and `answer` holds the reference answer; otherwise rows are training-style (loss, perplexity).
-    Other arguments as in `make_vqa_dataset`; `length_buckets` and `group_by_length` are accepted so that one
-    options dict serves training and evaluation, and ignored: evaluation batches always have max_length.
+    Other arguments as in `make_vqa_dataset`; `length_buckets`, `group_by_length` and `group_members` are
+    accepted so that one options dict serves training and evaluation, and ignored: evaluation batches always
+    have max_length, and a test sample leaves nothing out of the bank.
     """
-    del length_buckets, group_by_length
+    del length_buckets, group_by_length, group_members
     process_index, process_count = _jax_process(process_index, process_count)
     spec = SampleSpec(tokenizer, template, image_size, tuple(mean), tuple(std), max_length, insert_retrieval,
                       image_length, retrieval_length, pad_to_square, truncate)

@@ -359,7 +359,9 @@ class Run:
 def build_run(config: ConfigDict, workdir: str) -> Run:
     """The mesh, data sources, tokenizer, towers, model config, sharded params (a previous stage's trained ones
     written over the fresh connectors when `config.model.init_from` names its workdir), the pipeline options and
-    the memory bank (loaded or built) of one run."""
+    the memory bank (loaded or built) of one run. With retrieval and a `config.retrieval.group_by`, the options
+    hold `group_members` (`memory_keys.GroupMembers`), so that training batches carry each sample's group in the
+    bank (`group_member_ids`, what leave_out 'group' excludes) and `memory_info['groups']` describes them."""
     # --- mesh --------------------------------------------------------------------------------------------------
     mesh = sharding.make_mesh(tuple(config.mesh))
     log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
@@ -372,9 +374,21 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
     # --- model -------------------------------------------------------------------------------------------------
     vision_cfg, vision_params, lm_cfg, lm_params = load_towers(config, tokenizer, mesh)  # already sharded
     cfg = model_config(config, vision_cfg, lm_cfg)
-    if cfg.leave_one_out and sources["memory"] is not sources["train"]:
-        # Bank ids index another data set, so a training sample has no entry of its own to leave out.
+    # Leave-one-out (config.retrieval.leave_out; model_config turned it off for faithful mode or the older
+    # leave_one_out=False). Bank ids of another data set name no training sample, so 'self' has nothing to leave
+    # out there; 'group' compares images, which works across data sets.
+    leave_out = config.retrieval.get("leave_out", "self")
+    if leave_out not in ("none", "self", "group"):
+        raise ValueError(f"config.retrieval.leave_out={leave_out!r}; expected 'none', 'self' or 'group'")
+    if leave_out == "group" and not cfg.leave_one_out:
+        raise ValueError("config.retrieval.leave_out='group' contradicts " + (
+            "mode 'faithful' (the official recipe leaves nothing out)" if cfg.query.mode == "faithful"
+            else "config.retrieval.leave_one_out=False (the older switch for leave_out='none')"))
+    if leave_out == "group" and not config.retrieval.get("group_by", "image"):
+        raise ValueError("config.retrieval.leave_out='group' needs config.retrieval.group_by (e.g. 'image')")
+    if leave_out == "none" or (leave_out == "self" and sources["memory"] is not sources["train"]):
         cfg = dataclasses.replace(cfg, leave_one_out=False)
+    cfg = dataclasses.replace(cfg, leave_out_group=cfg.leave_one_out and leave_out == "group")
     params = {"vision": vision_params, "lm": lm_params,
               **model_lib.init_connectors(cfg, jax.random.PRNGKey(config.seed),
                                           identity_retrieval=config.model.identity_retrieval_init)}
@@ -404,21 +418,62 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
     memory, memory_info = None, {}
     if cfg.retrieval:
         memory, memory_info = build_memory(config, workdir, mesh, cfg, params, sources, data_options)
+
+    # --- leave-one-out groups: the bank ids of each training sample's group, a [B, G] field of its batches -----
+    # Computed for every retrieval run with a group_by: 'group' excludes them, and every run reports how often a
+    # sample retrieves its own group ('same_group_retrieved'). Evaluation batches never carry them.
+    group_by = config.retrieval.get("group_by", "image")
+    if memory is not None and group_by:
+        import time
+
+        from jaxalign.data import pipeline
+
+        data, started = config.data, time.perf_counter()
+        llava = data.kind == "llava"
+        groups = memory_keys.source_group_members(
+            sources["train"], pipeline.select_fraction(len(sources["train"]), data.fraction, data.fraction_seed),
+            sources["memory"], memory.bank.host_ids(), group_by,
+            train_image_root=data.image_root if llava else "",
+            memory_image_root=(data.memory_image_root if data.memory_json else data.image_root) if llava else "")
+        data_options["group_members"] = groups
+        memory_info["groups"] = {"group_by": group_by, "leave_out": cfg.leave_out, "count": groups.num_groups,
+                                 "largest": groups.width}
+        log.info("leave-one-out groups by %s: %d groups in the bank, the largest of %d entries (%.1f s)", group_by,
+                 groups.num_groups, groups.width, time.perf_counter() - started)
     return Run(config, workdir, mesh, tokenizer, template, sources, cfg, params, param_axes, memory, memory_info,
                data_options, init_info)
 
 
 def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg: model_lib.TinyAlignConfig,
                  params: dict, sources: dict, data_options: dict) -> tuple[memory_keys.RetrievalMemory, dict]:
-    """Loads the run's bank when its fingerprint matches, else builds it from the training data (the same
-    fraction the run trains on) with the frozen encoders, and saves it with its manifest."""
+    """Loads the run's bank when its fingerprint matches, else builds it with the frozen encoders from the memory
+    source (the training data unless config.data names another) and saves it with its manifest.
+
+    The bank holds `config.retrieval.memory_fraction` of its source: 'same' is the fraction the run trains on
+    (all of a separate memory source), a number is that fraction whatever the training fraction (the same
+    seeded selection, so a 40% training subset lies inside a 100% bank, whose ids are the same source rows). The
+    fraction is part of the fingerprint's source name, and of the returned info ('fraction')."""
     retrieval, data = config.retrieval, config.data
     directory = retrieval.memory_dir or os.fspath(epath.Path(workdir) / "memory")
-    if sources["memory"] is sources["train"]:
+    own_source = sources["memory"] is sources["train"]
+    requested = retrieval.get("memory_fraction", "same")
+    if requested == "same":
+        fraction = float(data.fraction) if own_source else 1.0
+    else:
+        try:
+            fraction = float(requested)
+        except (TypeError, ValueError):
+            fraction = None
+        if fraction is None or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"config.retrieval.memory_fraction={requested!r}; expected 'same' or a number in "
+                             "(0, 1] (the share of the memory source the bank holds)")
+    if own_source:
         name = data.train_config if data.kind == "easy_vqa" else data.train_json
-        source_name = f"{data.kind}:{name}:fraction={data.fraction}:seed={data.fraction_seed}"
+        source_name = f"{data.kind}:{name}:fraction={fraction}:seed={data.fraction_seed}"
     else:
         source_name = f"{data.kind}:{data.memory_config if data.kind == 'easy_vqa' else data.memory_json}"
+        if fraction != 1.0:
+            source_name += f":fraction={fraction}:seed={data.fraction_seed}"
     source_name += f":template={data.template}"
     fingerprint = memory_keys.memory_fingerprint(params, cfg, source_name)
     perceiver_cfg = perceiver_config(config, cfg) if cfg.value_kind == "latents" else None
@@ -427,10 +482,8 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
         from jaxalign.data import pipeline  # the input pipeline (grain) is needed only to build a bank
 
         perceiver_params = (value_encoders.init_perceiver_values(perceiver_cfg) if perceiver_cfg else None)
-        own_source = sources["memory"] is sources["train"]
         batches = pipeline.make_eval_dataset(sources["memory"], batch_size=retrieval.build_batch_size,
-                                             fraction=data.fraction if own_source else 1.0,
-                                             fraction_seed=data.fraction_seed,
+                                             fraction=fraction, fraction_seed=data.fraction_seed,
                                              for_generation=False, verbose=False, **data_options)
         encode = model_lib.make_bank_encoder(cfg, perceiver_cfg)
         host_batches = memory_keys.memory_batches(
@@ -444,4 +497,4 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
                                                 extra={"source": source_name, "mode": cfg.query.mode})
     memory = memory_keys.RetrievalMemory.create(
         bank, cfg.control.seed if cfg.control.kind == "shuffled" else None)
-    return memory, info
+    return memory, {**info, "fraction": fraction}
