@@ -78,7 +78,7 @@ def stage1(folders):
 def stage2(folders, stage1):
     workdir = str(folders / "stage2")
     config = tiny_config(folders, 2, 4, f"model.init_from={stage1[0]}", "train.learning_rate=0.003",
-                         "train.warmup_ratio=0.0", "train.log_every=1")
+                         "train.warmup_ratio=0.0", "train.log_every=1", "retrieval.leave_out=group")
     return workdir, trainer.train_and_evaluate(config, workdir)
 
 
@@ -91,6 +91,24 @@ def test_stage1_trains_connectors_with_leave_one_out(stage1):
     metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert all(record["own_id_retrieved"] == 0.0 for record in metrics if "own_id_retrieved" in record)
     assert np.isfinite(results["eval"]["loss"]) and results["eval"]["num_tokens"] > 0
+
+
+def test_retrieval_diagnostics_reach_the_results(stage2):
+    """Stage 2 trains with leave_out='group' on questions that come two per image: a training query never retrieves
+    a row of its own image, nor does the bank's own search (the ceiling excludes the row's image); test queries
+    (eval.json: the first 8 training questions, so in the bank) may."""
+    _, results = stage2
+    diagnostics = results["eval"]["retrieval_precision"]
+    assert sorted(diagnostics) == ["key_ceiling", "test", "train"]
+    train, test, ceiling = diagnostics["train"], diagnostics["test"], diagnostics["key_ceiling"]
+    assert train["queries"] == 8 and train["k"] == results["k"] and train["empty"] == 0
+    assert train["fields"]["image"]["compared"] == 8 * results["k"] and train["fields"]["image"]["agree"] == 0
+    assert ceiling["fields"]["image"]["agree"] == 0 and ceiling["search"]["rows"] == results["memory"]["count"]
+    for result in (train, test, ceiling):
+        assert 0.0 <= result["fields"]["answer"]["precision"] <= 1.0
+        assert 0.0 < result["fields"]["answer"]["chance"] < 1.0
+    # Evaluation counts its skipped samples (none here: eval.json holds only good questions).
+    assert results["eval"]["skipped"]["total"] > 0 and results["eval"]["skipped"]["counts"] == {}
 
 
 def test_bad_samples_are_reported_with_their_ids(stage1, stage2):
@@ -162,7 +180,8 @@ def test_resume_after_an_interruption_is_exact(folders, stage1, stage2, monkeypa
     shutil.copytree(workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))   # as if the run had died after step 2
     config = tiny_config(folders, 2, 4, f"model.init_from={stage1[0]}", "train.learning_rate=0.003",
-                         "train.warmup_ratio=0.0", "train.log_every=1", "eval.at_end=False")
+                         "train.warmup_ratio=0.0", "train.log_every=1", "eval.at_end=False",
+                         "retrieval.leave_out=group")
     reads = DataReads(monkeypatch)
     results = trainer.train_and_evaluate(config, resumed)
     assert results["memory"]["reused"] is True and results["steps"] == 4

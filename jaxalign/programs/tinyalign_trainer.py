@@ -49,7 +49,7 @@ from jaxalign.data.chat_templates import IGNORE_LABEL
 from jaxalign.data.length_buckets import PaddingStats, max_over_processes
 from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
-from jaxalign.programs import training
+from jaxalign.programs import tinyalign_diagnostics, training
 from jaxalign.programs.tinyalign_setup import (Run, build_run, freeze_rules, overwrite_params, read_checkpoint_params,
                                                stop_token_ids, trainable_parts)
 from jaxalign.train import optimizer as opt_lib
@@ -140,14 +140,23 @@ def make_evaluator(run: Run):
         raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must divide over {shard_count} "
                          f"data shards ({jax.process_count()} processes)")
 
+    passes: list[ShardEvalBatches] = []  # this evaluation's passes, for their skip reports
+
     def eval_batches(for_generation: bool) -> ShardEvalBatches:
-        return ShardEvalBatches([pipeline.make_eval_dataset(
+        batches = ShardEvalBatches([pipeline.make_eval_dataset(
             run.sources["eval"], batch_size=config.eval.batch_size // shard_count, for_generation=for_generation,
             process_index=shard, process_count=shard_count, **options) for shard in own_shards], max_batches)
+        passes.append(batches)
+        return batches
+
+    # Retrieval diagnostics (`jaxalign.programs.tinyalign_diagnostics`): made on first use, bank attributes once.
+    probe: list[tinyalign_diagnostics.RetrievalProbe] = []
+    diagnose = cfg.retrieval and config.eval.get("retrieval_diagnostics", True)
 
     def evaluate(params: dict, progress: bool | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         show = progress is not False
+        passes.clear()
         if config.eval.loss:
             results.update(lm_loss.evaluate_loss(lambda b: loss_step(params, b, run.memory), eval_batches(False),
                                                  to_device=lambda b: _device_batch(b, mesh), progress=show))
@@ -165,6 +174,19 @@ def make_evaluator(run: Run):
             results["vqa"] = accuracy
             results["vqa_accuracy"] = accuracy["accuracy"]
             results["vqa_examples"] = examples
+        if diagnose:
+            if not probe:
+                probe.append(tinyalign_diagnostics.RetrievalProbe(run))
+            results["retrieval_precision"] = probe[0](params, max_batches)
+        # Every skipped test sample is counted (a missing image must not silently shrink the denominator): the
+        # passes' reports, summed over this process's shards (each process reports its own rows).
+        skipped = SkipReport()
+        for batches in passes:
+            for shard in batches.shards:
+                skipped = skipped.merge(shard.report)
+        results["skipped"] = skipped.to_json()
+        if skipped.counts:
+            log.warning("evaluation skipped samples: %s", skipped)
         return results
 
     return evaluate
@@ -240,8 +262,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     evaluate = make_evaluator(run)
 
     def eval_fn(current):
-        return {name: value for name, value in evaluate(current.params, progress=False).items()
-                if isinstance(value, float)}
+        results = evaluate(current.params, progress=False)
+        return {**{name: value for name, value in results.items() if isinstance(value, float)},
+                **tinyalign_diagnostics.headline(results.get("retrieval_precision") or {})}
 
     settings = training.LoopSettings(
         log_every=train.log_every, checkpoint_every=train.checkpoint_every, keep=train.keep_checkpoints,
