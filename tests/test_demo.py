@@ -164,3 +164,25 @@ def test_cached_towers_load_as_hugging_face_folders(quick_demo):
     assert (vision_cfg.image_size, vision_cfg.patch_size, vision_cfg.hidden_size) == (
         settings.image_size, settings.patch_size, settings.vision_width)
     assert lm_cfg.vocab_size == tokenizer.vocab_size and lm_cfg.eos_token_id == tokenizer.eos_id
+
+
+# ------------------------------------------------------------------------------------------- reruns agree
+def test_a_seeded_rerun_reproduces_towers_and_training_bit_for_bit(quick_demo, tmp_path):
+    """Same code, same machine, same seeds: pretraining the towers again into an empty cache gives the same bytes,
+    and training a stage again in an empty workdir gives the same losses, bit for bit (the demo's numbers move
+    between machines, and between versions of the code, only through floating-point rounding; see README)."""
+    from jaxalign.programs import tinyalign_trainer
+
+    settings = demo.demo_settings(quick=True)
+    first = quick_demo[2]["towers"]
+    again = pretrain_towers.obtain_towers(settings.towers, cache_root=str(tmp_path / "cache"))
+    assert not again.reused and again.manifest["fingerprint"] == first["manifest"]["fingerprint"]
+    for part in ("vision", "lm"):
+        with open(os.path.join(first["folder"], part, "model.safetensors"), "rb") as f:
+            expected = f.read()
+        with open(os.path.join(again.folder, part, "model.safetensors"), "rb") as f:
+            assert f.read() == expected, part
+    config = demo.stage_config(settings, again, 1, "real", 1.0)
+    config.progress = False
+    runs = [tinyalign_trainer.train_and_evaluate(config, str(tmp_path / f"stage1_{n}")) for n in range(2)]
+    assert runs[0]["loss_history"] == runs[1]["loss_history"] and len(runs[0]["loss_history"]) == 3

@@ -97,9 +97,11 @@ class TowerPretrainConfig:
                                 num_heads=self.vision_heads, variant="siglip", use_head=True)
 
     def fingerprint(self) -> str:
-        """16 hex digits naming these settings (and the easy-vqa package and this code's format version)."""
+        """16 hex digits naming these settings, the easy-vqa package, JAX's version and the source of the code that
+        trains the towers (`_code_digest`): towers made by other code are never reused, since a change in the
+        last bits of the towers moves the demo's single-run cells by as much as a change of seed does."""
         content = {"format": FORMAT_VERSION, "settings": dataclasses.asdict(self),
-                   "easy_vqa": _package_version("easy-vqa")}
+                   "easy_vqa": _package_version("easy-vqa"), "jax": _package_version("jax"), "code": _code_digest()}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -123,6 +125,24 @@ class PretrainedTowers:
 def default_cache_root() -> str:
     """$JAXALIGN_CACHE, else ~/.cache/jaxalign."""
     return startup.cache_root()
+
+
+# The modules whose code decides the towers' numbers, bit for bit.
+_TOWER_CODE = ("jaxalign.programs.pretrain_towers", "jaxalign.models.layers", "jaxalign.models.attention",
+               "jaxalign.models.vit", "jaxalign.models.decoder", "jaxalign.train.optimizer",
+               "jaxalign.train.losses", "jaxalign.data.tokenizer", "jaxalign.data.image_ops",
+               "jaxalign.data.chat_templates", "jaxalign.data.easy_vqa", "jaxalign.io.hf_lm", "jaxalign.io.hf_vision")
+
+
+def _code_digest() -> str:
+    """SHA-256 of the source of `_TOWER_CODE` (read from the installed files)."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in _TOWER_CODE:
+        with open(importlib.util.find_spec(name).origin, "rb") as source:
+            digest.update(name.encode() + b"\0" + source.read())
+    return digest.hexdigest()
 
 
 def _package_version(name: str) -> str:
