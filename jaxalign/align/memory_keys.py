@@ -33,7 +33,11 @@ Public API:
   memory_fingerprint(params, cfg, source, extra=None) -> str
   build_bank(encode, batches, mesh, metric='cosine', total=None, progress=True) -> MemoryBank (ids: sample_index)
   load_or_build_bank(directory, fingerprint, build, mesh, extra=None) -> (MemoryBank, info)
-  RetrievalMemory(bank, permutation, num_rows); RetrievalMemory.create(bank, shuffle_seed=None)
+  RetrievalMemory(bank, permutation, num_rows); RetrievalMemory.create(bank, shuffle_seed=None, shuffle_labels=None)
+  control_memory(bank, control, memory_source) -> (RetrievalMemory, info): the memory a retrieval control needs
+  resolve_shuffle_group(source, shuffle_group) -> the group kind 'auto' stands for with this memory source
+  record_shuffle_labels(source, indexes, shuffle_group) -> [label of each record] ('shuffle_within_group')
+  oracle_values(value_length, source='answer') -> pipeline.OracleValues ('oracle': the batches' own values)
   own_rows(bank, sample_ids [B]) -> [B] storage rows of the samples' own entries (-1: absent)
   image_group_key(record, image_root='') -> the key shared by every record of one image (None: no image)
   record_group_keys(source, indexes, image_root='') -> [image_group_key of each record]
@@ -54,9 +58,12 @@ comparisons per scored bank row, no [B, N] mask is ever built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import posixpath
+import time
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -66,7 +73,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from jaxalign.align import value_encoders
-from jaxalign.data.chat_templates import IGNORE_LABEL
+from jaxalign.data.chat_templates import ASSISTANT, HUMAN, IGNORE_LABEL, IMAGE_PLACEHOLDER
 from jaxalign.memory import bank as bank_lib
 from jaxalign.memory import build as build_lib
 from jaxalign.memory import store
@@ -177,23 +184,35 @@ def build_bank(encode: Callable[[dict], tuple[jax.Array, dict]], batches: Iterab
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalMemory:
-    """What the model searches: the bank, the fixed row permutation of the 'shuffled' control, and the number of
-    real rows (static). A pytree, so it is an ordinary argument of the jitted step."""
+    """What the model searches: the bank, the fixed row permutation of the 'shuffled' / 'shuffle_within_group'
+    control ([N] int32, replicated; None for the other controls), and the number of real rows N (static). A
+    pytree, so it is an ordinary argument of the jitted step."""
 
     bank: bank_lib.MemoryBank
     permutation: jax.Array | None
     num_rows: int
 
     @classmethod
-    def create(cls, bank: bank_lib.MemoryBank, shuffle_seed: int | None = None) -> "RetrievalMemory":
-        """Wraps `bank`; with `shuffle_seed` the 'shuffled' control's permutation of its rows is drawn once."""
+    def create(cls, bank: bank_lib.MemoryBank, shuffle_seed: int | None = None,
+               shuffle_labels: Sequence[Hashable] | None = None) -> "RetrievalMemory":
+        """Wraps `bank`; with `shuffle_seed` a permutation of its rows is drawn once: one cycle over all rows
+        ('shuffled'), or with `shuffle_labels` ([N] group label of each row in storage order, from
+        `record_shuffle_labels`) one cycle within each group ('shuffle_within_group')."""
         from jaxalign.align import controls
 
         count = bank.size
         permutation = None
+        if shuffle_labels is not None and shuffle_seed is None:
+            raise ValueError("RetrievalMemory.create: shuffle_labels need a shuffle_seed")
         if shuffle_seed is not None:
-            permutation = jax.device_put(controls.shuffle_permutation(count, shuffle_seed),
-                                         jax.sharding.NamedSharding(bank.mesh, jax.sharding.PartitionSpec()))
+            if shuffle_labels is None:
+                rows = controls.shuffle_permutation(count, shuffle_seed)
+            else:
+                if len(shuffle_labels) != count:
+                    raise ValueError(f"RetrievalMemory.create: {len(shuffle_labels)} shuffle labels for a bank of "
+                                     f"{count} rows; give one label per row, in storage order (bank.host_ids())")
+                rows = controls.within_group_permutation(shuffle_labels, shuffle_seed)
+            permutation = jax.device_put(rows, jax.sharding.NamedSharding(bank.mesh, jax.sharding.PartitionSpec()))
         return cls(bank=bank, permutation=permutation, num_rows=count)
 
 
@@ -201,7 +220,8 @@ jax.tree_util.register_dataclass(RetrievalMemory, data_fields=["bank", "permutat
 
 
 def own_rows(bank: bank_lib.MemoryBank, sample_ids: jax.Array) -> jax.Array:
-    """[B] storage row of each sample's own entry (ids are stored in increasing order), -1 when absent."""
+    """[B] (or any shape) storage row of each sample's own entry (ids are stored in increasing order), -1 when
+    absent (an id -1 included)."""
     ids = jnp.where(bank.ids < 0, jnp.iinfo(jnp.int32).max, bank.ids)
     position = jnp.clip(jnp.searchsorted(ids, sample_ids.astype(jnp.int32)), 0, ids.shape[0] - 1)
     return jnp.where(ids[position] == sample_ids, position, -1).astype(jnp.int32)
@@ -361,3 +381,137 @@ def source_group_members(train_source: Any, train_rows: Sequence[int], memory_so
         train_keys = record_group_keys(train_source, train_rows, train_image_root)
         bank_keys = record_group_keys(memory_source, bank_ids, memory_image_root)
     return group_members(train_rows, train_keys, len(train_source), bank_ids, bank_keys, same_source)
+
+
+# ------------------------------------------------------------------------------------- control data
+def _conversation_turn(conversations: Any, speaker: str, last: bool) -> str:
+    """The first (or last) turn of `speaker` in a LLaVA conversation (JSON text or list), '' when none."""
+    try:
+        turns = json.loads(_text(conversations)) if isinstance(conversations, (str, bytes, np.bytes_)) \
+            else conversations
+    except json.JSONDecodeError:
+        return ""
+    texts = [str(turn.get("value", "")) for turn in turns or [] if isinstance(turn, Mapping)
+             and turn.get("from") == speaker]
+    if not texts:
+        return ""
+    return (texts[-1] if last else texts[0]).replace(IMAGE_PLACEHOLDER, " ").strip()
+
+
+def _record_texts(source: Any, indexes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The fields `names` of `source[index]` that the records have (text as str), for each index. A tfds array_record
+    source has only those features parsed from the raw bytes (as `_tfds_group_keys`: no image decode)."""
+    raw, info = getattr(source, "data_source", None), getattr(source, "dataset_info", None)
+    if raw is not None and info is not None and hasattr(raw, "__getitems__"):
+        try:
+            from tensorflow_datasets.core import example_parser
+            example_proto = example_parser.tf_example_pb2.Example
+        except (ImportError, AttributeError):
+            example_proto = None
+        if example_proto is not None:
+            present = [name for name in names if name in set(info.features.keys())]
+            texts: list[dict[str, Any]] = []
+            for start in range(0, len(indexes), _KEY_READ_CHUNK):
+                for serialized in raw.__getitems__(indexes[start:start + _KEY_READ_CHUNK].tolist()):
+                    features = example_proto.FromString(serialized).features.feature
+                    texts.append({name: _text(features[name].bytes_list.value[0])
+                                  if features[name].bytes_list.value else "" for name in present})
+            return texts
+    texts = []
+    for index in indexes:
+        record = source[int(index)]
+        texts.append({name: _text(record[name]) for name in names if name in record})
+    return texts
+
+
+def resolve_shuffle_group(source: Any, shuffle_group: str) -> str:
+    """`shuffle_group`, with 'auto' resolved: 'question_type' when the source's records have that field (easy-vqa
+    questions), else 'answer_type' (captions, whose rows are then one group, and LLaVA records)."""
+    if shuffle_group != "auto":
+        return shuffle_group
+    info = getattr(source, "dataset_info", None)
+    names = set(info.features.keys()) if info is not None else set(source[0].keys()) if len(source) else set()
+    return "question_type" if "question_type" in names else "answer_type"
+
+
+def record_shuffle_labels(source: Any, indexes: Sequence[int], shuffle_group: str) -> list[str]:
+    """The 'shuffle_within_group' label of each record `source[index]` (the bank rows: `bank.host_ids()`).
+
+    Args:
+      source: the memory source (records of easy-vqa, LLaVA JSON or any sequence of dicts).
+      indexes: its rows, in the bank's storage order.
+      shuffle_group: 'question_type' (the records' `question_type` field: easy-vqa questions), 'answer_type'
+        ('yes/no' or 'other', `controls.answer_type` of the `answer` field or the last assistant turn) or
+        'wording' (`controls.question_wording` of the `question` field or the first human turn); 'auto': see
+        `resolve_shuffle_group`.
+    Returns:
+      [len(indexes)] labels.
+    """
+    from jaxalign.align import controls
+
+    if shuffle_group not in controls.SHUFFLE_GROUPS:
+        raise ValueError(f"config.retrieval.shuffle_group={shuffle_group!r}; expected one of "
+                         f"{controls.SHUFFLE_GROUPS}")
+    shuffle_group = resolve_shuffle_group(source, shuffle_group)
+    indexes = np.asarray(indexes, np.int64).reshape(-1)
+    names = {"question_type": ("question_type",), "answer_type": ("answer", "conversations"),
+             "wording": ("question", "conversations")}[shuffle_group]
+    records = _record_texts(source, indexes, names)
+    labels = []
+    for index, texts in zip(indexes.tolist(), records):
+        if shuffle_group == "question_type":
+            if not texts.get("question_type"):
+                raise ValueError(f"config.retrieval.shuffle_group='question_type' needs records with a "
+                                 f"question_type (easy-vqa questions), but record {index} of the memory source has "
+                                 "none (captions and LLaVA records have none): use shuffle_group='answer_type' or "
+                                 "'wording'")
+            labels.append(texts["question_type"])
+        elif shuffle_group == "answer_type":
+            answer = texts.get("answer") or _conversation_turn(texts.get("conversations"), ASSISTANT, last=True)
+            labels.append(controls.answer_type(answer))
+        else:
+            question = texts.get("question") or _conversation_turn(texts.get("conversations"), HUMAN, last=False)
+            labels.append(controls.question_wording(question))
+    return labels
+
+
+def oracle_values(value_length: int, source: str = "answer"):
+    """The 'oracle' control's `pipeline.OracleValues`: each sample's own value made as `memory_batches` makes
+    the bank's (`answer_token_values` at `value_length`); source 'caption' encodes the record's caption as an
+    easy-vqa caption conversation (`easy_vqa.caption_conversation`, the form of a captions bank's records)."""
+    from jaxalign.data import pipeline
+
+    caption_conversation = None
+    if source == "caption":
+        from jaxalign.data import easy_vqa
+        caption_conversation = easy_vqa.caption_conversation
+    to_values = functools.partial(answer_token_values, value_length=value_length)
+    return pipeline.OracleValues(to_values, source=source, caption_conversation=caption_conversation)
+
+
+def control_memory(bank: bank_lib.MemoryBank, control: Any, memory_source: Any = None
+                   ) -> tuple[RetrievalMemory, dict]:
+    """The `RetrievalMemory` a control searches (`control`: `controls.RetrievalControl`) and what it did.
+
+    'shuffled': a permutation of all rows; 'shuffle_within_group': the bank rows' labels are read from
+    `memory_source` (`record_shuffle_labels`; ids are its rows) and the permutation stays within each label.
+    Returns (memory, info) with info {} or {'shuffle': {'group_by', 'groups', 'rows', 'alone' (rows alone in
+    their group, which keep their own value), 'largest', 'sizes', 'seconds'}}.
+    """
+    from jaxalign.align import controls
+
+    if control.kind == "shuffle_within_group":
+        if memory_source is None:
+            raise ValueError("the 'shuffle_within_group' control needs the memory source to read each bank row's "
+                             "group label from")
+        started = time.perf_counter()
+        group_by = resolve_shuffle_group(memory_source, control.shuffle_group)
+        labels = record_shuffle_labels(memory_source, bank.host_ids(), group_by)
+        memory = RetrievalMemory.create(bank, control.seed, labels)
+        summary = {"group_by": group_by, **controls.shuffle_group_summary(labels),
+                   "seconds": round(time.perf_counter() - started, 2)}
+        log.info("shuffle within %s: %d groups over %d rows, %d rows alone in their group keep their own value",
+                 group_by, summary["groups"], summary["rows"], summary["alone"])
+        return memory, {"shuffle": summary}
+    seed = control.seed if control.kind == "shuffled" else None
+    return RetrievalMemory.create(bank, seed), {}

@@ -16,7 +16,8 @@ Modes (`TinyAlignConfig.query.mode`):
   own entry, or with `leave_out_group` of every entry of its group (its image; the batch's `group_member_ids`).
 - 'faithful': the official recipe: softmax-mean query over connector outputs and all text from `text_start`
   (padding and answers included), Perceiver latent values, no leave-one-out (a sample can retrieve itself).
-Control 'off' is the TinyLLaVA baseline: no search and no retrieved tokens at all.
+Control 'off' is the TinyLLaVA baseline: no search and no retrieved tokens at all. Control 'oracle' gives every
+slot the sample's own value from the batch's `oracle_value_ids` [B, Lv] (see `controls.py` for all controls).
 
 Public API:
   TinyAlignConfig
@@ -52,6 +53,7 @@ from jaxalign.models.vit import VisionConfig
 PyTree = Any
 VALUE_KINDS = ("tokens", "latents")
 GROUP_FIELD = "group_member_ids"   # training batches: [B, G] bank ids of each sample's group (leave_out 'group')
+ORACLE_FIELD = "oracle_value_ids"  # control 'oracle': [B, value_length] each sample's own value (pipeline.OracleValues)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,7 @@ class TinyAlignConfig:
         connector: value width -> LM width, i.e. LM width -> LM width for token values, 96 -> LM width for the
         faithful latents).
       query: query mode ('default' | 'faithful') and the image / text weights.
-      control: 'real' | 'shuffled' | 'constant' | 'off' (see `controls.py`).
+      control: 'real' | 'shuffled' | 'shuffle_within_group' | 'constant' | 'oracle' | 'off' (`controls.py`).
       value_kind: 'tokens' (token ids embedded by the LM) or 'latents' (float [P, w] values, e.g. Perceiver).
       value_length: tokens per value (token values) or latents per value (32 for the Perceiver).
       k: neighbours per sample.
@@ -109,6 +111,9 @@ class TinyAlignConfig:
                              f"the LM width {self.lm.hidden_size}, got {self.retrieval_connector.in_dim}")
         if self.k < 1 or self.value_length < 1:
             raise ValueError(f"k={self.k} and value_length={self.value_length} must be >= 1")
+        if self.control.kind == "oracle" and self.value_kind != "tokens":
+            raise ValueError("the 'oracle' retrieval control hands each sample its own token value, so it needs "
+                             f"token values (mode 'default'), not value_kind={self.value_kind!r}")
 
     @property
     def leave_out(self) -> str:
@@ -224,38 +229,62 @@ def excluded_ids(cfg: TinyAlignConfig, batch: dict, train: bool) -> jax.Array | 
     return batch[GROUP_FIELD]
 
 
+def _check_oracle_field(cfg: TinyAlignConfig, oracle_values: Any, batch_size: int | None = None) -> None:
+    """Control 'oracle' needs the batch's `oracle_value_ids` [B, value_length]; other controls ignore it."""
+    if cfg.control.kind != "oracle":
+        return
+    if oracle_values is None:
+        raise ValueError(f"the 'oracle' control needs the batch field {ORACLE_FIELD!r} [B, value_length]: make the "
+                         "batches with pipeline.make_vqa_dataset / make_eval_dataset(oracle_values=memory_keys."
+                         "oracle_values(value_length)), as tinyalign_setup.build_memory sets up")
+    expected = (oracle_values.shape[0] if batch_size is None else batch_size, cfg.value_length)
+    if tuple(oracle_values.shape) != expected:
+        raise ValueError(f"{ORACLE_FIELD} has shape {tuple(oracle_values.shape)}; expected [batch, value_length] = "
+                         f"{expected}")
+
+
 def _retrieve(params: dict, cfg: TinyAlignConfig, memory: memory_keys.RetrievalMemory, query: jax.Array,
-              sample_ids: jax.Array, exclude: jax.Array | None) -> tuple[jax.Array, jax.Array, dict]:
-    """Search, control and value mapping: retrieved tokens [B, Nr, d], their mask [B, Nr] and search info."""
+              exclude: jax.Array | None, oracle_values: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array, dict]:
+    """Search, control and value mapping: retrieved tokens [B, Nr, d], their mask [B, Nr] and search info.
+
+    `exclude`: `excluded_ids` ([B] or [B, G] bank ids, or None). A row control never hands a sample a value the
+    search may not return: its remapped rows are moved off the excluded entries (the own one, or with groups
+    every entry of the group). `oracle_values`: control 'oracle', [B, Lv] the batch's own values, given to each
+    of the k slots that the search filled (so the token count is that of 'real'); its `value_ids` are -1 (no
+    bank row: the value came from the batch)."""
     bank = memory.bank
     result = bank.search(query, cfg.k, method=cfg.search_method, exclude_ids=exclude, with_values=False)
     found = result.rows >= 0                                                   # [B, k]
-    if cfg.control.kind == "real":
-        value_rows = result.rows
+    if cfg.control.kind == "oracle":
+        _check_oracle_field(cfg, oracle_values, query.shape[0])
+        oracle_values = jnp.asarray(oracle_values, jnp.int32)
+        ids = jnp.where(found[:, :, None], oracle_values[:, None, :], value_encoders.VALUE_PAD_ID)
+        value_ids = jnp.full(found.shape, -1, jnp.int32)
     else:
-        own = None
-        if exclude is not None:
-            # A control never hands a sample its own value. With groups, the own entry is in the sample's group
-            # only when the bank holds the training rows (else the id would name another source's record).
-            own_ids = exclude if exclude.ndim == 1 else jnp.where(
-                jnp.any(exclude == sample_ids[:, None], axis=1), sample_ids, -1)
-            own = memory_keys.own_rows(bank, own_ids)
-        value_rows = controls.controlled_value_ids(cfg.control, jnp.where(found, result.rows, 0), memory.num_rows,
-                                                   memory.permutation, own)
-    value_rows = jnp.where(found, value_rows, -1)
-    values = bank.gather_values(value_rows)
+        if cfg.control.kind == "real":
+            value_rows = result.rows
+        else:
+            excluded_rows = None if exclude is None else memory_keys.own_rows(bank, exclude)   # [B] or [B, G]
+            value_rows = controls.controlled_value_ids(cfg.control, jnp.where(found, result.rows, 0),
+                                                       memory.num_rows, memory.permutation, excluded_rows)
+        value_rows = jnp.where(found, value_rows, -1)
+        values = bank.gather_values(value_rows)
+        value_ids = jnp.where(value_rows >= 0, bank.ids[jnp.clip(value_rows, 0)], -1)
+        if cfg.value_kind == "tokens":
+            ids = jnp.where(found[:, :, None], values["tokens"], value_encoders.VALUE_PAD_ID)
+    info = {"retrieved_ids": result.ids, "value_ids": value_ids, "scores": result.scores}
     if cfg.value_kind == "tokens":
-        ids = jnp.where(found[:, :, None], values["tokens"], value_encoders.VALUE_PAD_ID)
         embed = functools.partial(decoder.embed, params["lm"], cfg.lm)
         raw, mask = value_encoders.retrieved_tokens_from_ids(embed, ids)
+        info["value_token_ids"] = ids
     else:
         raw = value_encoders.flatten_retrieved(values["latents"])
         mask = jnp.repeat(found, values["latents"].shape[2], axis=1)
     tokens = connector.apply(params["retrieval_connector"], cfg.retrieval_connector, raw, mask)
     if cfg.retrieval_connector.kind == "resampler":
         mask = jnp.ones(tokens.shape[:2], bool)
-    value_ids = jnp.where(value_rows >= 0, bank.ids[jnp.clip(value_rows, 0)], -1)
-    return tokens, mask, {"retrieved_ids": result.ids, "value_ids": value_ids, "scores": result.scores}
+    return tokens, mask, info
 
 
 def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: memory_keys.RetrievalMemory | None,
@@ -266,13 +295,15 @@ def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: mem
       params: {'vision', 'connector', 'retrieval_connector', 'lm'}.
       cfg: the model.
       batch: pixels [B, H, W, C]; input_ids, labels, attention_mask [B, L]; image_index, retrieval_index,
-        text_start, sample_index [B] (the pipeline's batch); with `cfg.leave_out_group`, group_member_ids [B, G].
+        text_start, sample_index [B] (the pipeline's batch); with `cfg.leave_out_group`, group_member_ids [B, G];
+        with control 'oracle', oracle_value_ids [B, value_length].
       memory: the bank (ignored, may be None, when retrieval is off).
       train: leave-one-out applies only in training (evaluation samples are not in the bank).
       padding_side: 'right' for training, 'left' for generation prompts.
     Returns:
       (SplicedInputs of length cfg.max_length, or L for a right-padded batch narrower than that, aux) with aux
-      {'query', 'retrieved_ids', 'value_ids', 'scores'} (retrieval fields only when retrieval is on).
+      {'query', 'retrieved_ids', 'value_ids', 'scores'} (retrieval fields only when retrieval is on), and for
+      token values 'value_token_ids' [B, k, Lv] (the ids the LM reads, -1 padded).
 
     Length buckets: the training pipeline pads a batch to a length bucket L <= cfg.max_length chosen so that every
     row's spliced length (text, with each sentinel counted as the image / retrieved positions it stands for)
@@ -280,17 +311,18 @@ def build_lm_inputs(params: dict, cfg: TinyAlignConfig, batch: dict, memory: mem
     bucket. Batches of width cfg.max_length (no buckets, evaluation) and generation prompts (left padded) keep
     cfg.max_length. A hand-made right-padded batch narrower than cfg.max_length must obey the same rule.
     """
+    if cfg.retrieval and memory is None:
+        raise ValueError(f"retrieval control {cfg.control.kind!r} needs a memory bank; pass memory=...")
+    _check_oracle_field(cfg, batch.get(ORACLE_FIELD))
     features = image_features(params, cfg, batch["pixels"])
     tokens = image_tokens(params, cfg, features)
     embeddings = text_embeddings(params, cfg, batch["input_ids"])
     aux: dict = {}
     retrieved = retrieved_mask = None
     if cfg.retrieval:
-        if memory is None:
-            raise ValueError(f"retrieval control {cfg.control.kind!r} needs a memory bank; pass memory=...")
         query = retrieval_key(params, cfg, batch, features, tokens, embeddings)
-        retrieved, retrieved_mask, info = _retrieve(params, cfg, memory, query, batch["sample_index"],
-                                                    excluded_ids(cfg, batch, train))
+        retrieved, retrieved_mask, info = _retrieve(params, cfg, memory, query, excluded_ids(cfg, batch, train),
+                                                    batch.get(ORACLE_FIELD))
         aux.update(info, query=query)
     max_length = cfg.max_length
     if padding_side == "right":

@@ -38,7 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_from = ""         # a previous stage's workdir: its trained params initialise this run
 
     c.retrieval = ml_collections.ConfigDict()
-    c.retrieval.control = "real"   # 'real', 'shuffled', 'constant' or 'off' (TinyLLaVA baseline)
+    # 'real'; the controls (jaxalign/align/controls.py): 'shuffled' (values of a fixed global permutation of the
+    # bank rows), 'shuffle_within_group' (a permutation within `shuffle_group`), 'constant' (the value of
+    # `constant_row` everywhere), 'oracle' (every slot holds the sample's own answer / caption: the upper bound);
+    # 'off' (no retrieval: the TinyLLaVA baseline)
+    c.retrieval.control = "real"
     c.retrieval.mode = "default"   # 'default' (fixed recipe) or 'faithful' (official code)
     c.retrieval.k = 3
     c.retrieval.value_length = 8   # default mode: answer / caption tokens per value
@@ -57,8 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.retrieval.text_weight = 0.6
     c.retrieval.text_start = 35    # faithful mode: fallback query text start (measured per sample otherwise)
     c.retrieval.search_method = "exact"
-    c.retrieval.shuffle_seed = 0
-    c.retrieval.constant_row = 0
+    c.retrieval.shuffle_seed = 0   # 'shuffled' / 'shuffle_within_group': seed of the fixed permutation
+    # 'shuffle_within_group': a bank row's value moves only to rows of its group: 'question_type' (easy-vqa
+    # questions' field), 'answer_type' (yes/no vs other; works for captions and LLaVA too) or 'wording' (the
+    # question with its colour and shape words blanked); 'auto': question_type when the memory source's records
+    # have it, else answer_type (a captions bank is then one group). Rows alone in their group keep their value;
+    # the results' memory.shuffle says which grouping ran and how many rows were alone.
+    c.retrieval.shuffle_group = "auto"
+    c.retrieval.constant_row = 0   # 'constant': the bank row (storage order) whose value every slot gets
     c.retrieval.memory_dir = ""    # default: <workdir>/memory; share one bank between runs by naming it
     c.retrieval.build_batch_size = 32
     c.retrieval.perceiver = ml_collections.ConfigDict(dict(

@@ -8,9 +8,10 @@ package, nothing downloaded):
         --config.model.init_from=/tmp/tiny/stage1
     jaxalign eval --config jaxalign/configs/tinyalign_tiny.py:stage=2 --workdir /tmp/tiny/stage2
 
-Variants (`:key=value,...`): retrieval=real|shuffled|constant|off, k=N, fraction=0.4, mode=default|faithful,
-data=easy_vqa|llava (llava: also --config.data.manual_dir=DIR --config.data.data_dir=DIR, JSON files
-captions.json / questions.json / eval.json as the tests write them), steps=N, leave_out=none|self|group,
+Variants (`:key=value,...`): retrieval=real|shuffled|shuffle_within_group|constant|oracle|off, k=N,
+shuffle_group=auto|question_type|answer_type|wording, fraction=0.4, mode=default|faithful, data=easy_vqa|llava
+(llava: also --config.data.manual_dir=DIR --config.data.data_dir=DIR, JSON files captions.json / questions.json /
+eval.json as the tests write them), steps=N, leave_out=none|self|group,
 memory_fraction=same|1.0 (the paper's 40% setting: `fraction=0.4,memory_fraction=1.0,leave_out=group`).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jaxalign.configs.tinyalign_common import base_config
 
 def get_config(arg: str | None = None):
     arg = parse_arg(arg, stage=1, retrieval="real", k=2, fraction=1.0, mode="default", data="easy_vqa", steps=40,
-                    leave_out="self", memory_fraction="same")
+                    leave_out="self", memory_fraction="same", shuffle_group="auto")
     c = base_config()
     c.stage = arg.stage
     c.mesh = (-1, 1, 1)
@@ -37,6 +38,7 @@ def get_config(arg: str | None = None):
     c.retrieval.value_length = 4
     c.retrieval.leave_out = arg.leave_out
     c.retrieval.memory_fraction = arg.memory_fraction
+    c.retrieval.shuffle_group = arg.shuffle_group
     if arg.mode == "faithful":
         c.model.retrieval_connector = "rag2x_gelu"
         c.model.identity_retrieval_init = False

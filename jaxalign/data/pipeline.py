@@ -50,9 +50,15 @@ Less padding (`length_buckets`, `group_by_length`; see `length_buckets` for the 
 Leave-one-out by group (`group_members`, TinyAlign's `leave_out='group'`): a callable from a batch's
 `sample_index` [B] to [B, G] int32 bank ids (`jaxalign.align.memory_keys.GroupMembers`); training batches then
 carry them as `group_member_ids`. Evaluation batches never do: a test sample excludes nothing.
+
+Oracle values (`oracle_values`, TinyAlign's 'oracle' retrieval control): every batch, training, evaluation and
+generation alike, carries `oracle_value_ids` [B, value_length], each sample's own value in the token form of the
+bank's values (`OracleValues`). At test time the sample is not in the bank, so the batch is where it comes from.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -60,7 +66,8 @@ import grain
 import numpy as np
 
 from jaxalign.data.batching import Sample, SampleSpec, SkipReport, collate, process_record, spliced_length
-from jaxalign.data.chat_templates import IGNORE_LABEL, ChatTemplate, TokenizedExample
+from jaxalign.data.chat_templates import (
+    IGNORE_LABEL, ChatTemplate, MaskingError, TokenizedExample, encode_conversation)
 from jaxalign.data.image_ops import blank_image
 from jaxalign.data.length_buckets import PaddingStats, bucket_for, check_buckets, group_window, max_over_processes
 from jaxalign.data.tokenizer import Tokenizer
@@ -110,6 +117,78 @@ def _padding_row(spec: SampleSpec) -> Sample:
     return Sample(-1, None, example, blank_image(spec.image_size), "", "")
 
 
+# ------------------------------------------------------------------------------------------- oracle values
+ORACLE_FIELD = "oracle_value_ids"
+ORACLE_SOURCES = ("answer", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleValues:
+    """How batches get `oracle_value_ids` [B, value_length]: each sample's own value, made exactly as the bank's
+    values are (the labelled tokens of a conversation, encoded with the batch's tokenizer and template, then
+    `to_values`), so that the 'oracle' control differs from 'real' only in whose value it is.
+
+    Attributes:
+      to_values: labels [B, L] -> [B, value_length] int32, the function the bank's values are made with
+        (`jaxalign.align.memory_keys.answer_token_values` at the run's value_length; build this with
+        `memory_keys.oracle_values`).
+      source: 'answer': the labelled tokens of the sample's own conversation (its answer; a caption record's
+        caption), read from the batch's labels for training-style rows and from the re-encoded record for
+        generation prompts. 'caption': of `caption_conversation(record['caption'])`, for a bank of captions next
+        to question data (easy-vqa: `easy_vqa.caption_conversation`); a record without a caption gets an empty
+        value (all padding).
+      caption_conversation: source 'caption': caption text -> the conversation the bank's caption records have.
+    """
+
+    to_values: Callable[[np.ndarray], np.ndarray]
+    source: str = "answer"
+    caption_conversation: Callable[[str], list] | None = None
+
+    def __post_init__(self):
+        if self.source not in ORACLE_SOURCES:
+            raise ValueError(f"OracleValues.source={self.source!r}; expected one of {ORACLE_SOURCES}")
+        if self.source == "caption" and self.caption_conversation is None:
+            raise ValueError("OracleValues(source='caption') needs caption_conversation (caption -> conversation)")
+
+
+def _stack_labels(rows: Sequence[np.ndarray]) -> np.ndarray:
+    width = max([len(row) for row in rows] + [1])
+    labels = np.full((len(rows), width), IGNORE_LABEL, np.int32)
+    for position, row in enumerate(rows):
+        labels[position, :len(row)] = row
+    return labels
+
+
+def _record_text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _oracle_value_ids(oracle: OracleValues, spec: SampleSpec, data_source: Any, samples: Sequence[Sample],
+                      labels: np.ndarray | None) -> np.ndarray:
+    """[B, value_length] own values of `samples` (padding rows, index -1, get an empty value). `labels`: the
+    batch's labels when its rows are training-style (whole conversations), else None (generation prompts)."""
+    if oracle.source == "answer" and labels is not None:
+        return np.asarray(oracle.to_values(labels), np.int32)
+    rows = []
+    for sample in samples:
+        conversation = None
+        if sample.index >= 0:
+            record = data_source[sample.index]
+            if oracle.source == "caption":
+                caption = _record_text(record.get("caption", ""))
+                conversation = oracle.caption_conversation(caption) if caption.strip() else None
+            else:
+                conversation = json.loads(_record_text(record["conversations"]))
+        try:   # as `batching.process_record` encodes a training-style row (its labels do not depend on length)
+            example = None if conversation is None else encode_conversation(
+                spec.tokenizer, spec.template, conversation, insert_retrieval=spec.insert_retrieval,
+                sample_id=sample.sample_id, image_length=spec.image_length, retrieval_length=spec.retrieval_length)
+        except MaskingError:
+            example = None
+        rows.append(np.zeros(0, np.int32) if example is None else np.asarray(example.labels, np.int32))
+    return np.asarray(oracle.to_values(_stack_labels(rows)), np.int32)
+
+
 # ------------------------------------------------------------------------------------------- training
 class TrainBatches(Iterator[dict[str, np.ndarray]]):
     """Endless (or `num_epochs`) full training batches of one host; see the module docstring for the order.
@@ -122,13 +201,15 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         host_indexes: the source indexes this host reads.
         length_buckets: the checked buckets (() when off); group_by_length: batches per sorted window (0: off).
         group_members: sample_index [B] -> group_member_ids [B, G], added to every batch (None: not added).
+        oracle_values: adds `oracle_value_ids` [B, value_length] to every batch (None: not added).
     """
 
     def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, seed: int, host_indexes: np.ndarray,
                  shuffle: bool, num_epochs: int | None, fail_fast: bool, verbose: bool,
                  length_buckets: Sequence[int] = (), group_by_length: int = 0,
                  agree_length: Callable[[int], int] | None = None,
-                 group_members: Callable[[np.ndarray], np.ndarray] | None = None):
+                 group_members: Callable[[np.ndarray], np.ndarray] | None = None,
+                 oracle_values: OracleValues | None = None):
         if len(host_indexes) == 0:
             raise ValueError("this host's slice of the data is empty; use fewer processes or more data")
         if group_by_length < 0:
@@ -141,6 +222,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         self.group_by_length = int(group_by_length)
         self.agree_length = agree_length
         self.group_members = group_members
+        self.data_source, self.oracle_values = data_source, oracle_values
         self.epoch, self.position, self.step = 0, 0, 0
         self._report_covers_pass = True  # False while the report lacks the start of the pass (after `restore`)
         self.report = SkipReport()
@@ -292,6 +374,9 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         batch = collate(samples, self.spec, length=length)
         if self.group_members is not None:
             batch["group_member_ids"] = np.asarray(self.group_members(batch["sample_index"]), np.int32)
+        if self.oracle_values is not None:
+            batch[ORACLE_FIELD] = _oracle_value_ids(self.oracle_values, self.spec, self.data_source, samples,
+                                                    batch["labels"])
         return batch
 
 
@@ -325,6 +410,7 @@ def make_vqa_dataset(
     group_by_length: int = 0,
     agree_length: Callable[[int], int] | None = None,
     group_members: Callable[[np.ndarray], np.ndarray] | None = None,
+    oracle_values: OracleValues | None = None,
 ) -> TrainBatches:
     """Training batches of this host: an iterator of dicts of numpy arrays, each with `batch_size` rows.
 
@@ -332,7 +418,8 @@ def make_vqa_dataset(
     int32 (right padded to `max_length`, or to the batch's length bucket); image_index, retrieval_index,
     text_start [B] int32 (-1: none);
     sample_index [B] int32, the record's row in `data_source` (the memory-bank id for leave-one-out);
-    with `group_members`, group_member_ids [B, G] int32 (the bank ids of each sample's group, -1 padded).
+    with `group_members`, group_member_ids [B, G] int32 (the bank ids of each sample's group, -1 padded);
+    with `oracle_values`, oracle_value_ids [B, value_length] int32 (each sample's own value, `OracleValues`).
 
     Args:
         data_source: random access records (`tfds.data_source(...)`, or any sequence of dicts).
@@ -358,6 +445,8 @@ def make_vqa_dataset(
             (`length_buckets.max_over_processes`) when `process_count` > 1, else this host's own.
         group_members: `sample_index [B] -> [B, G]` bank ids of each sample's group (module docstring); the
             batches then carry `group_member_ids`. None: no such field.
+        oracle_values: the 'oracle' control's own values (`OracleValues`); the batches then carry
+            `oracle_value_ids`. None: no such field.
     """
     process_index, process_count = _jax_process(process_index, process_count)
     if agree_length is None and process_count > 1:
@@ -367,7 +456,7 @@ def make_vqa_dataset(
     selected = np.sort(select_fraction(len(data_source), fraction, seed if fraction_seed is None else fraction_seed))
     iterator = TrainBatches(data_source, spec, batch_size, seed, host_slice(selected, process_index, process_count),
                             shuffle, num_epochs, fail_fast, verbose, length_buckets, group_by_length, agree_length,
-                            group_members)
+                            group_members, oracle_values)
     if start_state is not None:
         iterator.restore(start_state)
     else:
@@ -385,12 +474,15 @@ class EvalBatches:
     steps stay in lockstep. Bad samples are counted in `report` (printed at the end of the pass), not yielded.
 
     Padding rows repeat padding ids with attention on a single position (the first, or the last with left
-    padding), so the model computes finite values there; mask them with `valid`.
+    padding), so the model computes finite values there; mask them with `valid`. With `oracle_values` each batch
+    also has `oracle_value_ids` [B, value_length] (generation prompts too: re-encoded from the record).
     """
 
     def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, host_indexes: np.ndarray,
-                 num_batches: int, for_generation: bool, fail_fast: bool, verbose: bool):
+                 num_batches: int, for_generation: bool, fail_fast: bool, verbose: bool,
+                 oracle_values: OracleValues | None = None):
         self.dataset = _source_dataset(data_source, spec, for_generation)
+        self.data_source, self.oracle_values = data_source, oracle_values
         self.spec, self.batch_size, self.host_indexes = spec, batch_size, host_indexes
         self.num_batches, self.for_generation = num_batches, for_generation
         self.fail_fast, self.verbose = fail_fast, verbose
@@ -428,6 +520,9 @@ class EvalBatches:
         batch["valid"] = np.arange(self.batch_size) < len(samples)
         batch["answer"] = np.asarray([row.answer for row in rows], dtype=object)
         batch["question_type"] = np.asarray([row.question_type for row in rows], dtype=object)
+        if self.oracle_values is not None:
+            batch[ORACLE_FIELD] = _oracle_value_ids(self.oracle_values, self.spec, self.data_source, rows,
+                                                    None if self.for_generation else batch["labels"])
         return batch
 
 
@@ -456,6 +551,7 @@ def make_eval_dataset(
     length_buckets: Sequence[int] = (),
     group_by_length: int = 0,
     group_members: Callable[[np.ndarray], np.ndarray] | None = None,
+    oracle_values: OracleValues | None = None,
 ) -> EvalBatches:
     """Evaluation batches of this host (see `EvalBatches`); iterate it once per evaluation.
 
@@ -463,7 +559,8 @@ def make_eval_dataset(
     ignored) and `answer` holds the reference answer; otherwise rows are training-style (loss, perplexity).
     Other arguments as in `make_vqa_dataset`; `length_buckets`, `group_by_length` and `group_members` are
     accepted so that one options dict serves training and evaluation, and ignored: evaluation batches always
-    have max_length, and a test sample leaves nothing out of the bank.
+    have max_length, and a test sample leaves nothing out of the bank. `oracle_values` adds `oracle_value_ids`
+    to every batch, prompts included (as in `make_vqa_dataset`).
     """
     del length_buckets, group_by_length, group_members
     process_index, process_count = _jax_process(process_index, process_count)
@@ -472,4 +569,4 @@ def make_eval_dataset(
     selected = np.sort(select_fraction(len(data_source), fraction, fraction_seed))
     largest = len(np.array_split(selected, process_count)[0])
     return EvalBatches(data_source, spec, batch_size, host_slice(selected, process_index, process_count),
-                       -(-largest // batch_size), for_generation, fail_fast, verbose)
+                       -(-largest // batch_size), for_generation, fail_fast, verbose, oracle_values)

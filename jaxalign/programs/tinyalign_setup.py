@@ -257,7 +257,8 @@ def model_config(config: ConfigDict, vision_cfg: vit.VisionConfig, lm_cfg: decod
         query=QueryConfig(mode=retrieval.mode, image_weight=retrieval.image_weight,
                           text_weight=retrieval.text_weight, text_start=retrieval.text_start),
         control=RetrievalControl(kind=retrieval.control, seed=retrieval.shuffle_seed,
-                                 constant_row=retrieval.constant_row),
+                                 constant_row=retrieval.constant_row,
+                                 shuffle_group=retrieval.get("shuffle_group", "auto")),
         value_kind=value_kind, value_length=value_length, k=retrieval.k,
         leave_one_out=retrieval.leave_one_out and not faithful, vision_layer=model.vision_layer,
         drop_first_vision_token=model.drop_first_vision_token, search_method=retrieval.search_method,
@@ -452,7 +453,9 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
     The bank holds `config.retrieval.memory_fraction` of its source: 'same' is the fraction the run trains on
     (all of a separate memory source), a number is that fraction whatever the training fraction (the same
     seeded selection, so a 40% training subset lies inside a 100% bank, whose ids are the same source rows). The
-    fraction is part of the fingerprint's source name, and of the returned info ('fraction')."""
+    fraction is part of the fingerprint's source name, and of the returned info ('fraction'). The control's data
+    comes with the bank (`memory_keys.control_memory`; info 'shuffle'); for 'oracle' this also sets
+    `data_options['oracle_values']`, so every dataset of the run carries `oracle_value_ids` (info 'oracle')."""
     retrieval, data = config.retrieval, config.data
     directory = retrieval.memory_dir or os.fspath(epath.Path(workdir) / "memory")
     own_source = sources["memory"] is sources["train"]
@@ -495,6 +498,13 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
 
     bank, info = memory_keys.load_or_build_bank(directory, fingerprint, build, mesh,
                                                 extra={"source": source_name, "mode": cfg.query.mode})
-    memory = memory_keys.RetrievalMemory.create(
-        bank, cfg.control.seed if cfg.control.kind == "shuffled" else None)
-    return memory, {**info, "fraction": fraction}
+    # The control's permutation ('shuffled': all rows; 'shuffle_within_group': within the rows' groups, read from
+    # the memory source) and, for 'oracle', each batch's own value in the bank's token form (options of every
+    # dataset of the run, training and evaluation; a question's caption for an easy-vqa captions bank).
+    memory, control_info = memory_keys.control_memory(bank, cfg.control, sources["memory"])
+    if cfg.control.kind == "oracle":
+        caption_bank = data.kind == "easy_vqa" and not own_source and data.memory_config == "captions"
+        oracle_source = "caption" if caption_bank and data.train_config != "captions" else "answer"
+        data_options["oracle_values"] = memory_keys.oracle_values(cfg.value_length, oracle_source)
+        control_info["oracle"] = {"value": oracle_source}
+    return memory, {**info, "fraction": fraction, **control_info}
