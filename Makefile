@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.installed-base
 TEST_STAMP := $(VENV)/.installed-test
-# 8 fake CPU devices so that the sharding tests run on one CPU host.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+# 8 fake CPU devices so that the sharding tests run on one CPU host. XLA's in-process CPU collectives abort a
+# program whose devices wait 40 s for each other: on 2 cores shared by two test workers that happens, so wait longer.
+TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600 --xla_cpu_collective_timeout_seconds=600" JAX_PLATFORMS=cpu
 DEMO_OUT ?= runs/demo
 
 .PHONY: install test demo bench bench-clutrr clean

@@ -17,7 +17,7 @@ mkdir -p "$log_dir"
 pids=()
 for ((i = 0; i < n; i++)); do
   JAXALIGN_COORDINATOR="127.0.0.1:$port" JAXALIGN_NUM_PROCESSES="$n" JAXALIGN_PROCESS_ID="$i" \
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per --xla_cpu_collective_call_terminate_timeout_seconds=600 --xla_cpu_collective_timeout_seconds=600" \
     "$@" >"$log_dir/process_$i.log" 2>&1 &
   pids+=($!)
 done
