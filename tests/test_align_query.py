@@ -48,6 +48,16 @@ def test_faithful_matches_numpy_reference(sample):
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, rtol=1e-6)
 
 
+def test_faithful_text_end_equals_the_batch_trimmed_to_its_longest_sample(sample):
+    """A batch padded past its longest sample (a length bucket) with text_end gives the official query of the batch
+    padded only to its longest sample (positions 0..8 here): the NumPy reference on text[:9]."""
+    image, text = sample
+    got = np.asarray(faithful_query(jnp.asarray(image), jnp.asarray(text), text_start=5, text_end=9))
+    for b in range(3):
+        np.testing.assert_allclose(got[b], reference_query(image[b].astype(np.float64),
+                                                           text[b, :9].astype(np.float64), 5), rtol=1e-5, atol=1e-5)
+
+
 def test_faithful_with_per_row_text_start(sample):
     image, text = sample
     starts = np.array([0, 3, 11])

@@ -116,6 +116,8 @@ def test_bad_samples_are_reported_with_their_ids(stage1, stage2):
     assert first["data"]["build_reports"]["captions"]["skipped"] == {"missing_image": ["missing-image"]}
     _, second = stage2
     assert "too-long" in second["data"]["train_skipped"]["skipped"]["too_long"]
+    # The bank is built from the same questions: its build pass counts the same sample, by id.
+    assert "too-long" in second["memory"]["build_skipped"]["skipped"]["too_long"]
 
 
 def test_stage2_starts_from_stage1_trains_the_lm_and_lowers_the_loss(stage1, stage2):

@@ -210,7 +210,12 @@ def retrieval_key(params: dict, cfg: TinyAlignConfig, batch: dict, features: jax
     query_cfg = cfg.query
     if query_cfg.mode == "faithful":
         start = jnp.where(batch["text_start"] >= 0, batch["text_start"], query_cfg.text_start)
-        return query_lib.faithful_query(tokens, embeddings, start, query_cfg.image_weight, query_cfg.text_weight)
+        # The official batch ends at its longest sample; a batch padded to a length bucket ends later, so the
+        # query stops where the batch's last real token is (left-padded prompts end at the batch's end anyway).
+        positions = jnp.arange(batch["attention_mask"].shape[1])
+        end = jnp.max(jnp.where(batch["attention_mask"] > 0, positions[None, :], -1)) + 1
+        return query_lib.faithful_query(tokens, embeddings, start, query_cfg.image_weight, query_cfg.text_weight,
+                                        text_end=end)
     text_mask = query_lib.prompt_text_mask(batch["attention_mask"], batch["labels"], batch["input_ids"])
     return memory_keys.default_key(features, embeddings, text_mask, query_cfg.image_weight, query_cfg.text_weight)
 

@@ -125,11 +125,14 @@ def masked_query(image_tokens: jax.Array, text_embeddings: jax.Array, text_mask:
 
 
 def faithful_query(image_tokens: jax.Array, text_embeddings: jax.Array, text_start: int | jax.Array = 35,
-                   image_weight: float = 0.4, text_weight: float = 0.6) -> jax.Array:
+                   image_weight: float = 0.4, text_weight: float = 0.6,
+                   text_end: int | jax.Array | None = None) -> jax.Array:
     """Faithful-mode query, as the official code computes it.
 
     The text slice runs from `text_start` to the end of the padded sequence: padding and answer tokens are
-    included, on purpose (that is what the official code does). Every image token is included.
+    included, on purpose (that is what the official code does). Every image token is included. The official
+    batches are padded to their longest sample; a batch padded further (to a length bucket) passes `text_end`,
+    the batch's longest sample, so that the padding the official code never sees stays out of the query.
 
     Args:
       image_tokens: [B, Ni, d] connector outputs.
@@ -142,8 +145,11 @@ def faithful_query(image_tokens: jax.Array, text_embeddings: jax.Array, text_sta
     _check_shapes(image_tokens, text_embeddings)
     batch, length = text_embeddings.shape[:2]
     start = jnp.broadcast_to(jnp.asarray(text_start, jnp.int32).reshape(-1, 1), (batch, 1))
-    # The mask only cuts off the prefix before text_start; with a scalar start it is exactly the official slice.
+    # The mask only cuts off the prefix before text_start (and what lies past text_end); with a scalar start and
+    # a batch padded to its longest sample it is exactly the official slice.
     text_mask = jnp.arange(length)[None, :] >= start
+    if text_end is not None:
+        text_mask = text_mask & (jnp.arange(length)[None, :] < jnp.asarray(text_end, jnp.int32))
     return masked_query(image_tokens, text_embeddings, text_mask, None, image_weight, text_weight)
 
 

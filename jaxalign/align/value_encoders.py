@@ -62,6 +62,9 @@ from jaxalign.models.layers import EMBED, HEAD_DIM, HEADS, MLP, ParamSpec
 # Perceiver byte tokenizer (Hugging Face `PerceiverTokenizer`): 6 special ids, then byte b has id b + 6.
 BYTE_PAD_ID, BYTE_CLS_ID, BYTE_SEP_ID, BYTE_OFFSET, BYTE_VOCAB = 0, 4, 5, 6, 262
 VALUE_PAD_ID = -1  # padding of token-id values; negative so it can never be confused with a real token id
+# The Perceiver's initialisation scheme (the official plain nn.Module: tables N(0, 1), linear and conv layers
+# PyTorch's default); part of a faithful bank's fingerprint, so banks made with another scheme are rebuilt.
+PERCEIVER_INIT = "torch-default-v1"
 
 
 # =========================================================================== faithful: random Perceiver

@@ -40,6 +40,9 @@ def _summary(results: dict) -> dict:
         "seconds_per_step": results.get("seconds_per_step"), "eval_loss": evaluation.get("loss"),
         "eval_perplexity": evaluation.get("perplexity"), "vqa_accuracy": vqa.get("accuracy"),
         "vqa_per_type": {kind: row["accuracy"] for kind, row in vqa.get("per_type", {}).items()} or None,
+        "retrieval_precision": {name: {field: row.get("precision") for field, row in result.get("fields", {}).items()}
+                                for name, result in (evaluation.get("retrieval_precision") or {}).items()
+                                if result} or None,
         "memory": results.get("memory") or None,
     }.items() if value is not None}
 

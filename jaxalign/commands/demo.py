@@ -15,7 +15,7 @@ from jaxalign.programs import demo
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="the README's demo: TinyLLaVA baseline vs TinyAlign vs shuffled values on easy-vqa",
+        "demo", help="the README's demo: baseline vs TinyAlign vs within-group shuffle vs oracle on easy-vqa, over seeds",
         description=(demo.__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_demo_arguments(parser)
 
@@ -23,8 +23,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `jaxalign demo` options to `parser` and sets `func=run_demo`."""
     parser.add_argument("--out", required=True, help="output folder: results.json, PNG plots and every run's "
-                        "workdir (runs/<method>/stage1, stage2_100, stage2_40)")
-    parser.add_argument("--quick", action="store_true", help="a few steps of everything: a smoke test whose numbers "
+                        "workdir (runs/<method>/stage1, stage2_<percent>_seed<seed>)")
+    parser.add_argument("--quick", action="store_true", help="a few steps of every method at 100%% of the data over 2 "
+                        "seeds: a smoke test whose numbers "
                         "mean nothing (its time goes to compiling the programs, which later runs take from the "
                         "persistent compilation cache)")
     parser.add_argument("--cache", default=None, help="cache root for the pretrained demo towers (default "
@@ -33,8 +34,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         "reusing them (the towers stay cached; delete the cache folder to pretrain them again)")
     parser.add_argument("--train-questions", type=int, default=None, help="stage-2 training questions at 100%% "
                         "(default 3000 of 38,575)")
-    parser.add_argument("--eval-questions", type=int, default=None, help="test questions scored (default 1000 of "
-                        "9,673)")
+    parser.add_argument("--eval-questions", type=int, default=None, help="test questions scored per seed (default "
+                        "600 of 9,673)")
+    parser.add_argument("--seeds", type=_int_tuple, default=None, help="comma-separated stage-2 seeds (default "
+                        "0,1,2; the comparisons are paired by seed, so give at least 2)")
+    parser.add_argument("--methods", type=_name_tuple, default=None, help="comma-separated methods, from "
+                        + ", ".join(method.name for method in demo.METHODS) + " (default: "
+                        + ",".join(demo.DEFAULT_METHODS) + ")")
+    parser.add_argument("--bank", choices=demo.BANKS, default=None, help="the retrieval memory: image_captions "
+                        "(default: training images keyed by their embedding, captions as values) or answers (the "
+                        "training questions keyed by image and text, answers as values)")
     parser.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps at 100%% of the data "
                         "(default 200; a fraction f trains f times as many)")
     parser.add_argument("--eval-loss", action="store_true", help="also report the loss on the test questions")
@@ -44,12 +53,28 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_demo)
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def _name_tuple(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    known = {method.name for method in demo.METHODS}
+    if unknown := [name for name in names if name not in known]:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {sorted(known)}")
+    return names
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The `jaxalign demo` command: runs everything, prints the table, writes results and plots."""
     settings = demo.demo_settings(quick=args.quick)
     overrides = {name: value for name, value in (("train_questions", args.train_questions),
                                                  ("eval_questions", args.eval_questions),
-                                                 ("stage2_steps", args.stage2_steps)) if value is not None}
+                                                 ("stage2_steps", args.stage2_steps), ("seeds", args.seeds),
+                                                 ("methods", args.methods), ("bank", args.bank)) if value is not None}
     if args.eval_loss:
         overrides["eval_loss"] = True
     settings = dataclasses.replace(settings, **overrides)

@@ -129,4 +129,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_batches = 0         # 0: the whole eval set
     c.eval.max_new_tokens = 8
     c.eval.fraction = 1.0
+    c.eval.retrieval_diagnostics = True  # retrieval runs: eval.retrieval_precision (test / train / key ceiling)
+    c.eval.diagnostic_batches = 0  # batches of training queries the diagnostics search (0: as eval.max_batches)
     return c

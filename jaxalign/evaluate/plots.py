@@ -84,9 +84,11 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str,
 
 
 def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: str,
-                       title: str = "eval accuracy") -> str:
+                       title: str = "eval accuracy",
+                       errors: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """Grouped bars: `accuracies[run][group]` in [0, 1] (groups such as 'overall', 'color', 'shape'), one group
-    of bars per group name, one colour per run. Missing (run, group) pairs are left empty.
+    of bars per group name, one colour per run. Missing (run, group) pairs are left empty. `errors[run][group]`,
+    when given, draws an error bar of that half-length (e.g. the std over seeds).
 
     Returns:
       `path`, the PNG written.
@@ -104,7 +106,10 @@ def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: str,
     for index, run in enumerate(runs):
         positions = [group_index + (index - (len(runs) - 1) / 2) * width for group_index in range(len(groups))]
         heights = [float(accuracies[run].get(group, float("nan"))) for group in groups]
-        axes.bar(positions, heights, width=width, label=run)
+        spread = None
+        if errors and run in errors:
+            spread = [float(errors[run].get(group) or 0.0) for group in groups]
+        axes.bar(positions, heights, width=width, label=run, yerr=spread, capsize=2 if spread else 0)
     axes.set_xticks(range(len(groups)))
     axes.set_xticklabels(groups)
     axes.set_ylim(0.0, 1.0)

@@ -16,7 +16,7 @@ Several processes: each process measures its own rows; the retrieved ids and sam
 every process returns the same numbers.
 
 Public API:
-  RetrievalProbe(run) -> probe;  probe(params, max_batches) -> {'test', 'train', 'key_ceiling'}
+  RetrievalProbe(run) -> probe;  probe(params, max_batches, train_batches) -> {'test', 'train', 'key_ceiling'}
   source_attributes(source, indexes, kind) -> {field: [n]} (easy-vqa: answer, color, shape, question_type,
     image_id; LLaVA-format: answer)
   headline(results) -> {'retrieval/test/answer': p@k, ...} floats for metrics logs
@@ -158,9 +158,12 @@ class RetrievalProbe:
             self._ceiling["search"]["sampled"] = bool(rows.size < positions.size)
         return self._ceiling
 
-    def __call__(self, params: dict, max_batches: int | None = None) -> dict:
+    def __call__(self, params: dict, max_batches: int | None = None, train_batches: int | None = None) -> dict:
+        """Test queries over `max_batches` evaluation batches, training queries over `train_batches` (default
+        `max_batches`; None: all)."""
+        train_batches = max_batches if train_batches is None else train_batches
         results = {"test": self._measure(params, self.run.sources["eval"], False, max_batches),
-                   "train": self._measure(params, self.run.sources["train"], True, max_batches),
+                   "train": self._measure(params, self.run.sources["train"], True, train_batches),
                    "key_ceiling": self.key_ceiling()}
         log.info("retrieval precision (values the LM reads):\n%s", diagnostics.format_table(results, by_type=False))
         return results

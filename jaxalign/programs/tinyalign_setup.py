@@ -478,8 +478,12 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
         if fraction != 1.0:
             source_name += f":fraction={fraction}:seed={data.fraction_seed}"
     source_name += f":template={data.template}"
-    fingerprint = memory_keys.memory_fingerprint(params, cfg, source_name)
     perceiver_cfg = perceiver_config(config, cfg) if cfg.value_kind == "latents" else None
+    # Faithful values come from the seeded Perceiver: its settings and initialisation scheme name the bank too.
+    extra = ({"perceiver": dataclasses.asdict(perceiver_cfg), "perceiver_init": value_encoders.PERCEIVER_INIT}
+             if perceiver_cfg else None)
+    fingerprint = memory_keys.memory_fingerprint(params, cfg, source_name, extra)
+    skipped: dict = {}  # the build pass's skip report (a bank reused from disk was built earlier: none)
 
     def build():
         from jaxalign.data import pipeline  # the input pipeline (grain) is needed only to build a bank
@@ -493,11 +497,16 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
             batches, data_options["tokenizer"], cfg.value_kind, cfg.value_length,
             perceiver_cfg.max_text_bytes if perceiver_cfg else 0)
         encode_batch = sharding.trace_in_mesh(functools.partial(encode, params, perceiver_params), mesh)
-        return memory_keys.build_bank(encode_batch, host_batches, mesh,
-                                      total=len(batches))
+        bank = memory_keys.build_bank(encode_batch, host_batches, mesh, total=len(batches))
+        # Every record the bank could not take is counted (this process's slice), never silently dropped.
+        skipped.update(batches.report.to_json())
+        if batches.report.counts:
+            log.warning("memory bank build skipped records: %s", batches.report)
+        return bank
 
     bank, info = memory_keys.load_or_build_bank(directory, fingerprint, build, mesh,
                                                 extra={"source": source_name, "mode": cfg.query.mode})
+    info["build_skipped"] = skipped or None
     # The control's permutation ('shuffled': all rows; 'shuffle_within_group': within the rows' groups, read from
     # the memory source) and, for 'oracle', each batch's own value in the bank's token form (options of every
     # dataset of the run, training and evaluation; a question's caption for an easy-vqa captions bank).

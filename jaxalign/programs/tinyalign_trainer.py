@@ -177,7 +177,8 @@ def make_evaluator(run: Run):
         if diagnose:
             if not probe:
                 probe.append(tinyalign_diagnostics.RetrievalProbe(run))
-            results["retrieval_precision"] = probe[0](params, max_batches)
+            results["retrieval_precision"] = probe[0](params, max_batches,
+                                                      config.eval.get("diagnostic_batches", 0) or max_batches)
         # Every skipped test sample is counted (a missing image must not silently shrink the denominator): the
         # passes' reports, summed over this process's shards (each process reports its own rows).
         skipped = SkipReport()
