@@ -12,7 +12,9 @@ One job is one (data set, seed): it pretrains the GNN teacher, then trains three
 single-threaded) and each writes `<out>/<data set>/seed<k>/summary.json`; a finished job is not rerun. The
 report (markdown table with mean ± std over seeds per test file, the published CLUTRR numbers beside them, and
 a plot of accuracy against k) goes to bench/RESULTS.md (between this benchmark's markers) and
-bench/clutrr_accuracy_vs_k.png. Model sizes and steps are chosen for a shared 2-core CPU; see RESULTS.md.
+bench/clutrr_accuracy_vs_k.png. Model sizes and steps are chosen for a shared 2-core CPU; see RESULTS.md. The
+report's settings (steps, batch, model shapes, loss weights) are read from the configs each job ran, which its
+summary records.
 """
 from __future__ import annotations
 
@@ -62,31 +64,33 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
 
     started = time.time()
     job_dir = os.path.join(out, dataset, f"seed{seed}")
-    base = [f"seed={seed}", f"data.train={_train_spec(dataset)}", f"data.test=('{_zip(dataset)}',)"]
+    data = f"data_root={DATA_ROOT},dataset={dataset}"     # the released zip and its *_train.csv member
+    base = [f"seed={seed}"]
     if dataset != GENERALISATION:
         base.append("data.eval_max_length=160")   # k = 3 test stories stay well below 160 tokens
-    rows = trainer.read_rows(_train_spec(dataset))
-    summary: dict = {"dataset": dataset, "seed": seed, "train_rows": len(rows), "teacher_steps": teacher_steps,
-                     "student_steps": student_steps, "models": {}}
-
-    teacher_config = load_config(os.path.join(ROOT, "jaxalign/configs/clutrr_teacher.py"),
+    teacher_config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_teacher.py:{data}"),
                                  base + [f"steps={teacher_steps}"])
+    rows = trainer.read_rows(teacher_config.data.train)
+    summary: dict = {"dataset": dataset, "seed": seed, "train_rows": len(rows), "teacher_steps": teacher_steps,
+                     "student_steps": student_steps, "models": {}, "configs": {"teacher": teacher_config.to_dict()}}
+
     teacher = trainer.train_teacher(teacher_config, os.path.join(job_dir, "teacher"), rows=rows)
     summary["models"]["teacher"] = _model_summary(teacher)
     # Accuracy of the teacher on the rows the rules label unambiguously (a few k >= 3 rows are ambiguous).
     from jaxalign.distill import evaluate as evaluation
     model = evaluation.load_model(os.path.join(job_dir, "teacher"))
     unambiguous = {}
-    for name, test_rows in trainer.read_test_files([_zip(dataset)]).items():
+    for name, test_rows in trainer.read_test_files(list(teacher_config.data.test)).items():
         kept = [row for row in test_rows if not solver.solve_row(row).ambiguous]
         if kept:
             unambiguous[name] = {"rows": len(kept), "accuracy": evaluation.evaluate_rows(model, kept)["accuracy"]}
     summary["models"]["teacher"]["unambiguous"] = unambiguous
 
     for variant in VARIANTS:
-        config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant}"),
+        config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant},{data}"),
                              base + [f"steps={student_steps}",
                                      f"distill.teacher_workdir={os.path.join(job_dir, 'teacher')}"])
+        summary["configs"][variant] = config.to_dict()
         student = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
         summary["models"][variant] = _model_summary(student)
     summary["wall_seconds"] = time.time() - started
@@ -97,13 +101,6 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
 
 def _zip(dataset: str) -> str:
     return os.path.join(DATA_ROOT, f"{dataset}.zip")
-
-
-def _train_spec(dataset: str) -> str:
-    import zipfile
-    with zipfile.ZipFile(_zip(dataset)) as archive:
-        member = next(os.path.basename(i.filename) for i in archive.infolist() if i.filename.endswith("_train.csv"))
-    return f"{_zip(dataset)}:{member}"
 
 
 def _model_summary(result: dict) -> dict:
@@ -140,6 +137,94 @@ def _recorded_steps(out: str) -> tuple[int, int] | None:
         raise ValueError(f"jobs under {out} ran with different or unrecorded step counts {sorted(map(str, recorded))}"
                          "; rerun them into a fresh --out folder")
     return next(iter(recorded))
+
+
+def _job_configs(out: str, summary: dict) -> dict[str, dict]:
+    """{model: config dict} a job ran: recorded in its summary, else the config.json each of its runs wrote."""
+    if "configs" in summary:
+        return summary["configs"]
+    configs = {}
+    for model in ("teacher", *VARIANTS):
+        path = os.path.join(out, summary["dataset"], f"seed{summary['seed']}", model, "config.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as stream:
+                configs[model] = json.load(stream)
+    return configs
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _joined(values) -> str:
+    """One value, or the distinct values in order joined by ' / ' (where the students differ)."""
+    return " / ".join(dict.fromkeys(_number(v) for v in values))
+
+
+_MODEL_KINDS = {"gat": "GAT", "gin": "GIN", "bilstm": "BiLSTM", "transformer": "transformer"}
+
+
+def _model_text(model: dict) -> str:
+    """'GAT 4 layers, width 64, 4 heads' from a config's model section."""
+    layers = f"{model['num_layers']} layer" + ("s" if model["num_layers"] != 1 else "")
+    parts = [f"{_MODEL_KINDS.get(model['kind'], model['kind'])} {layers}",
+             f"{model['hidden']} per direction" if model["kind"] == "bilstm" else f"width {model['hidden']}"]
+    if model["kind"] in ("gat", "transformer"):
+        parts.append(f"{model['num_heads']} heads")
+    if "embed" in model:
+        parts.append(f"embed {model['embed']}")
+    return ", ".join(parts)
+
+
+def _loss_text(distill: dict) -> str:
+    """'CE + KD (alpha 1, tau 2) + ...': the loss terms a student config switches on, with their settings."""
+    terms = ["CE"]
+    if distill["alpha"]:
+        terms.append(f"KD (alpha {_number(distill['alpha'])}, tau {_number(distill['tau'])})")
+    if distill["beta"]:
+        terms.append(f"contrastive (beta {_number(distill['beta'])}, InfoNCE temperature "
+                     f"{_number(distill['temperature'])}, 2-layer projection heads to {distill['shared_dim']} "
+                     "dimensions)")
+    for name in ("entity_weight", "rkd_weight"):
+        if distill.get(name):
+            terms.append(f"{name} {_number(distill[name])}")
+    return " + ".join(terms)
+
+
+def run_settings(configs: dict[str, dict]) -> dict[str, str]:
+    """The report's settings of one job, {setting: text}, read from the configs it ran ({model: config dict})."""
+    teacher, students = configs["teacher"], [configs[variant] for variant in VARIANTS]
+    settings = {"teacher steps": _number(teacher["steps"]),
+                "student steps": _joined(s["steps"] for s in students)}
+    batches = [teacher["batch_size"], *(s["batch_size"] for s in students)]
+    if len(set(batches)) == 1:
+        settings["batch"] = _number(batches[0])
+    else:
+        settings["teacher batch"], settings["student batch"] = _number(batches[0]), _joined(batches[1:])
+    settings["lr"] = _joined([teacher["lr"], *(s["lr"] for s in students)])
+    settings["teacher"] = _model_text(teacher["model"])
+    settings["student"] = _joined(_model_text(s["model"]) for s in students)
+    settings["train tokens"] = _joined(s["data"]["train_max_length"] for s in students)
+    for variant, student in zip(VARIANTS, students):
+        settings[f"loss of {MODEL_NAMES[variant]}"] = _loss_text(student["distill"])
+    return settings
+
+
+def _recorded_settings(out: str, summaries: dict[str, list[dict]]) -> dict[str, str] | None:
+    """The settings every job ran with (None when no job recorded its configs); a ValueError if jobs disagree."""
+    found = []
+    for group in summaries.values():
+        for summary in group:
+            configs = _job_configs(out, summary)
+            if set(configs) >= {"teacher", *VARIANTS}:
+                found.append(run_settings(configs))
+    if not found:
+        return None
+    differing = sorted({key for settings in found for key in settings if settings.get(key) != found[0].get(key)})
+    if differing:
+        raise ValueError(f"jobs under {out} ran with different settings ({', '.join(differing)}); rerun them into a "
+                         "fresh --out folder")
+    return found[0]
 
 
 def _stats(summaries: list[dict], model: str, file: str) -> tuple[float, float, int]:
@@ -181,19 +266,26 @@ def ceilings(dataset: str) -> dict[str, float]:
     return {name: path_only_ceiling(rows) for name, rows in trainer.read_test_files([_zip(dataset)]).items()}
 
 
-def build_report(out: str, wall_seconds: float | None, settings: dict,
-                 ceiling: dict[str, float] | None = None) -> str:
-    """The markdown report; `ceiling` ({test file: accuracy}) adds the path-only ceiling row to the k table."""
+def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float] | None = None) -> str:
+    """The markdown report; `ceiling` ({test file: accuracy}) adds the path-only ceiling row to the k table.
+
+    The settings line is read from the configs the jobs ran (`run_settings`); jobs that recorded none (from
+    before configs were recorded, without their runs' config.json) give only their recorded step counts.
+    """
     summaries = _load_summaries(out)
     models = ["teacher", *VARIANTS]
     lines = [START, "## CLUTRR structured distillation (`bench/clutrr_distill.py`)", ""]
     seeds = sorted({s["seed"] for group in summaries.values() for s in group})
+    settings = _recorded_settings(out, summaries)
+    if settings is None:       # jobs from before configs were recorded
+        steps = _recorded_steps(out)
+        settings = {"teacher steps": steps[0], "student steps": steps[1]} if steps else {}
+        settings["other settings"] = "not recorded"
     lines.append(f"Released CLUTRR data, seeds {seeds}; accuracy per test file, mean ± std over seeds (population "
-                 "std). Teacher: edge-aware GAT over the story graph (noise edges carry a dedicated `unlabelled` "
-                 "edge type, since the released files label only the k path edges). Students: BiLSTM over "
-                 "anonymised stories, query = [source mentions; target mentions; story mean]. KD: alpha = 1, "
-                 "tau = 2; contrastive: beta = 0.5, InfoNCE temperature 0.1, 2-layer projection heads to 64 "
-                 "dimensions. Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".")
+                 "std). Teacher: a GNN over the story graph (noise edges carry a dedicated `unlabelled` "
+                 "edge type, since the released files label only the k path edges). Students: text encoders over "
+                 "anonymised stories, query = [source mentions; target mentions; story mean]. Settings, from the "
+                 "jobs' configs: " + "; ".join(f"{k} = {v}" for k, v in settings.items()) + ".")
     if wall_seconds is not None:
         lines.append(f"Bench wall time: {wall_seconds / 60:.1f} min on the shared 2-core CPU.")
     lines.append("")
@@ -356,12 +448,7 @@ def main() -> int:
         wall = time.time() - started
         with open(wall_file, "w", encoding="utf-8") as stream:
             json.dump(wall, stream)
-    steps = _recorded_steps(args.out) or (args.teacher_steps, args.student_steps)
-    settings = {"teacher steps": steps[0], "student steps": steps[1], "batch": 64,
-                "teacher": "GAT 4 layers, width 64", "student": "BiLSTM 1 layer, 32 per direction, embed 48",
-                "train tokens": 96}
-    report = build_report(args.out, wall, settings,
-                          ceilings(GENERALISATION) if os.path.exists(_zip(GENERALISATION)) else None)
+    report = build_report(args.out, wall, ceilings(GENERALISATION) if os.path.exists(_zip(GENERALISATION)) else None)
     write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"))
     plot(args.out, os.path.join(ROOT, "bench", "clutrr_accuracy_vs_k.png"))
     print(report)
