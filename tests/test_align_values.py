@@ -185,3 +185,14 @@ def test_controls_run_under_jit():
 
     got = np.asarray(gather(IDS, permutation, jnp.array([-1, -1])))
     np.testing.assert_array_equal(got, np.asarray(TABLE)[np.asarray(permutation)[np.asarray(IDS)]])
+
+
+def test_token_values_are_the_answer_text_without_end_of_turn_tokens():
+    """A bank value (and the oracle's) is text for the LM to read: the template's end-of-turn token is left out, or
+    the LM would see a turn end in the middle of its prompt."""
+    from jaxalign.align import memory_keys
+    from jaxalign.data.chat_templates import IGNORE_LABEL
+
+    labels = np.array([[IGNORE_LABEL, 8, 31, 21, 99, IGNORE_LABEL], [IGNORE_LABEL, 7, 99, IGNORE_LABEL, 5, 6]])
+    assert memory_keys.answer_token_values(labels, 4, drop_ids=(99,)).tolist() == [[8, 31, 21, -1], [7, 5, 6, -1]]
+    assert memory_keys.answer_token_values(labels, 4).tolist() == [[8, 31, 21, 99], [7, 99, 5, 6]]

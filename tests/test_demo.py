@@ -54,6 +54,17 @@ def test_tokenizer_knows_every_easy_vqa_word_and_the_chat_template():
     assert tokenizer.decode(texts[0][:lengths[0]]).startswith("system you are a helpful assistant")
 
 
+def test_lm_texts_can_write_the_image_caption_before_the_question():
+    questions = [("what color is the shape?", "red", 1), ("what shape is in the image?", "circle", 2)]
+    tokenizer = pretrain_towers.build_tokenizer(questions, ["a red circle", "a blue circle"])
+    plain = pretrain_towers.lm_texts(tokenizer, "qwen2", questions, ["a red circle"])
+    with_context = pretrain_towers.lm_texts(tokenizer, "qwen2", questions, ["a red circle"],
+                                            {1: "a red circle", 2: "a blue circle"}, context_share=1.0)
+    assert len(with_context[0]) == len(plain[0]) + 2  # each question once more, after its image's caption
+    texts = [tokenizer.decode(row[:length]) for row, length in zip(with_context[0], with_context[1])]
+    assert any("a blue circle what shape is in the image ?" in text for text in texts)
+
+
 def test_stage_configs_select_the_40_percent_subset_inside_the_full_one():
     from jaxalign.data.pipeline import select_fraction
 

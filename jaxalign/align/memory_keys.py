@@ -107,16 +107,18 @@ def default_key(vision_features: jax.Array, text_embeddings: jax.Array, text_mas
     return jax.lax.stop_gradient(_unit(jnp.concatenate([image_weight * image, text_weight * text], axis=-1)))
 
 
-def answer_token_values(labels: np.ndarray, value_length: int) -> np.ndarray:
-    """Each row's labelled (answer / caption) token ids, in order, cut or padded (`VALUE_PAD_ID`) to
-    `value_length`: [B, value_length] int32."""
+def answer_token_values(labels: np.ndarray, value_length: int, drop_ids: Sequence[int] = ()) -> np.ndarray:
+    """Each row's labelled (answer / caption) token ids, in order, without `drop_ids` (the template's
+    end-of-turn and end-of-text tokens: a value is text to read, and an end-of-turn token in the middle of a
+    prompt tells the LM the turn is over), cut or padded (`VALUE_PAD_ID`) to `value_length`: [B, value_length]
+    int32."""
     labels = np.asarray(labels)
-    rows = [row[row != IGNORE_LABEL] for row in labels]
+    rows = [row[(row != IGNORE_LABEL) & ~np.isin(row, np.asarray(list(drop_ids), labels.dtype))] for row in labels]
     return value_encoders.caption_token_values(rows, value_length)
 
 
 def memory_batches(batches: Iterable[dict], tokenizer: Any, value_kind: str, value_length: int = 0,
-                   perceiver_bytes: int = 0) -> Iterator[dict]:
+                   perceiver_bytes: int = 0, drop_ids: Sequence[int] = ()) -> Iterator[dict]:
     """Host batches for building a bank from `EvalBatches` (training-style rows, `for_generation=False`).
 
     Keeps only the valid rows, drops the string fields, and adds what the values need: 'value_tokens'
@@ -130,7 +132,7 @@ def memory_batches(batches: Iterable[dict], tokenizer: Any, value_kind: str, val
         rows = {name: np.asarray(value)[valid] for name, value in batch.items()
                 if name not in ("answer", "question_type", "valid")}
         if value_kind == "tokens":
-            rows["value_tokens"] = answer_token_values(rows["labels"], value_length)
+            rows["value_tokens"] = answer_token_values(rows["labels"], value_length, drop_ids)
         else:
             texts = [tokenizer.decode(row[row != IGNORE_LABEL]) for row in rows["labels"]]
             rows["value_bytes"], rows["value_byte_mask"] = value_encoders.caption_bytes(texts, perceiver_bytes)
@@ -475,7 +477,7 @@ def record_shuffle_labels(source: Any, indexes: Sequence[int], shuffle_group: st
     return labels
 
 
-def oracle_values(value_length: int, source: str = "answer"):
+def oracle_values(value_length: int, source: str = "answer", drop_ids: Sequence[int] = ()):
     """The 'oracle' control's `pipeline.OracleValues`: each sample's own value made as `memory_batches` makes
     the bank's (`answer_token_values` at `value_length`); source 'caption' encodes the record's caption as an
     easy-vqa caption conversation (`easy_vqa.caption_conversation`, the form of a captions bank's records)."""
@@ -485,7 +487,7 @@ def oracle_values(value_length: int, source: str = "answer"):
     if source == "caption":
         from jaxalign.data import easy_vqa
         caption_conversation = easy_vqa.caption_conversation
-    to_values = functools.partial(answer_token_values, value_length=value_length)
+    to_values = functools.partial(answer_token_values, value_length=value_length, drop_ids=tuple(drop_ids))
     return pipeline.OracleValues(to_values, source=source, caption_conversation=caption_conversation)
 
 

@@ -481,7 +481,9 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
     perceiver_cfg = perceiver_config(config, cfg) if cfg.value_kind == "latents" else None
     # Faithful values come from the seeded Perceiver: its settings and initialisation scheme name the bank too.
     extra = ({"perceiver": dataclasses.asdict(perceiver_cfg), "perceiver_init": value_encoders.PERCEIVER_INIT}
-             if perceiver_cfg else None)
+             if perceiver_cfg else {"values_without": "stop tokens"})
+    # Token values are the text of an answer / caption without the template's end-of-turn and end-of-text tokens.
+    stop_ids = stop_token_ids(data_options["tokenizer"], data_options["template"])
     fingerprint = memory_keys.memory_fingerprint(params, cfg, source_name, extra)
     skipped: dict = {}  # the build pass's skip report (a bank reused from disk was built earlier: none)
 
@@ -495,7 +497,7 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
         encode = model_lib.make_bank_encoder(cfg, perceiver_cfg)
         host_batches = memory_keys.memory_batches(
             batches, data_options["tokenizer"], cfg.value_kind, cfg.value_length,
-            perceiver_cfg.max_text_bytes if perceiver_cfg else 0)
+            perceiver_cfg.max_text_bytes if perceiver_cfg else 0, drop_ids=stop_ids)
         encode_batch = sharding.trace_in_mesh(functools.partial(encode, params, perceiver_params), mesh)
         bank = memory_keys.build_bank(encode_batch, host_batches, mesh, total=len(batches))
         # Every record the bank could not take is counted (this process's slice), never silently dropped.
@@ -514,6 +516,6 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
     if cfg.control.kind == "oracle":
         caption_bank = data.kind == "easy_vqa" and not own_source and data.memory_config == "captions"
         oracle_source = "caption" if caption_bank and data.train_config != "captions" else "answer"
-        data_options["oracle_values"] = memory_keys.oracle_values(cfg.value_length, oracle_source)
+        data_options["oracle_values"] = memory_keys.oracle_values(cfg.value_length, oracle_source, stop_ids)
         control_info["oracle"] = {"value": oracle_source}
     return memory, {**info, "fraction": fraction, **control_info}
