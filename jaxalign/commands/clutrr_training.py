@@ -6,7 +6,8 @@
     jaxalign clutrr eval --checkpoint runs/student --csv 1.4_test.csv
 
 Training commands resume from the latest checkpoint in --workdir, write config.json, metrics.jsonl,
-checkpoints, the final model (model/) and eval.json, and print a JSON summary (with the run's process_count and
+checkpoints, the final model (model/: the best validation evaluation's when the config holds out validation rows,
+see `jaxalign.programs.clutrr_trainer`) and eval.json, and print a JSON summary (with the run's process_count and
 device_count; under a launcher every process prints the same summary and process 0 writes the files). `eval`
 accepts any CSV in the released format (for example a file written by `jaxalign clutrr generate`) and prints
 JSON with the accuracy overall, per noise task, per k and per (task, k).
@@ -26,9 +27,10 @@ _OVERRIDE_HELP = ("any config field may follow as --config.a.b=value (typed afte
 
 def _summary(result: dict) -> dict:
     """The headline numbers of a run: steps, time, processes and devices, last training metrics, test accuracy."""
-    return {key: result.get(key) for key in ("workdir", "role", "steps", "train_seconds", "process_count",
-                                             "device_count", "final_metrics", "train_stories_truncated",
-                                             "test_accuracy") if key in result}
+    return {key: result.get(key) for key in ("workdir", "role", "model_kind", "steps", "train_seconds",
+                                             "process_count", "device_count", "final_metrics",
+                                             "train_stories_truncated", "best_step", "best_valid_accuracy",
+                                             "stopped_at", "test_accuracy") if key in result}
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
@@ -65,7 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
         reports[path] = report
     import jax
 
-    header = {"checkpoint": args.checkpoint, "role": model.role, "model": model.config.kind,
+    header = {"checkpoint": args.checkpoint, "role": model.role, "model": model.kind,
               "process_count": jax.process_count(), "device_count": jax.device_count()}
     if len(args.csv) == 1:
         (path, report), = reports.items()
@@ -85,9 +87,11 @@ def add_training_commands(clutrr_subparsers: argparse._SubParsersAction) -> None
          "then evaluates it on the config's test files. Writes checkpoints, metrics.jsonl, config.json, model/ "
          "and eval.json in --workdir and prints a JSON summary."),
         ("distill", _distill, "train a text student, optionally distilled from a trained teacher",
-         "Trains (or resumes) a BiLSTM or transformer student over anonymised stories with CE + alpha * KD + "
-         "beta * contrastive (InfoNCE) alignment to a frozen teacher (--config.distill.teacher_workdir; "
-         "alpha = beta = 0 trains the student alone), then evaluates it on the config's test files."),
+         "Trains (or resumes) a BiLSTM, transformer, BERT or BERT-LSTM student (--config.model.kind; BERT "
+         "fine-tunes --config.model.bert_folder, default all-MiniLM-L6-v2) over anonymised stories with CE + "
+         "alpha * KD + beta * contrastive (InfoNCE) alignment to a frozen teacher "
+         "(--config.distill.teacher_workdir; alpha = beta = 0 trains the student alone), then evaluates it on "
+         "the config's test files."),
     ):
         common.add_config_command(clutrr_subparsers, name, func, summary, description, config_help=_CONFIG_HELP,
                                override_help=_OVERRIDE_HELP, workdir_help="run directory (checkpoints, metrics, model/)")

@@ -6,7 +6,9 @@
 
 Variants (`:key=value,...`): `quick` (tiny model, 150 steps, for generated data and demos),
 `dataset=<name>` picks a released set under `data_root` (default data_089907f8; the training file is the one
-whose name ends in `_train.csv`), `data_root=<folder>`.
+whose name ends in `_train.csv`), `data_root=<folder>` (default ../shared/data/clutrr from the working directory;
+a missing data set is an error naming the path, except with `quick`; `data_root=` with nothing after it means no
+released data: name the files with --config.data.train / --config.data.test).
 """
 from __future__ import annotations
 
@@ -32,4 +34,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
     optimisation_and_loop(config, arg.quick)
     config.steps = 150 if arg.quick else 1500   # 200 steps left k = 3 at 0.92; 1500 reach 0.95 (bench/RESULTS.md)
+    # Validation every eval_every steps when data.valid / data.valid_fraction give one (model selection: the
+    # final model is the best evaluation's); patience > 0 also stops after that many evaluations without a gain,
+    # e.g. --config.data.valid_fraction=0.1 --config.train.patience=5.
+    config.train.eval_every = 25 if arg.quick else 100
+    config.train.patience = 0
     return config

@@ -2,10 +2,18 @@
 
 A trainer (`jaxalign.programs.clutrr_trainer`) ends by writing its model to `<workdir>/model/`:
 
-  model.json   {"role": "teacher" | "student", "model_config": {...}, "labels": vocabulary,
-                "edge_types": vocabulary (teacher), "words": vocabulary (student), "max_length": ...}
+  model.json   {"role": "teacher" | "student", "kind": the model kind ('gat', 'bilstm', 'bert', ...),
+                "model_config": {...}, "labels": vocabulary, "edge_types": vocabulary (teacher),
+                "words": vocabulary (word-level student), "max_length": ..., and for a BERT-family student
+                "tokenizer": "tokenizer" (its folder) and "entity_slots"}
   params.npz   the model's parameters, one array per '/'-joined path (teacher and heads are not part of a
                student's file: only the student is used at test time)
+  tokenizer/   a BERT-family student's WordPiece tokenizer (tokenizer.json and its special-token files), so the
+               folder is complete without the pretrained snapshot it was fine-tuned from
+
+Students are of two families: word-level (`jaxalign.models.text_encoders`: BiLSTM, transformer; featurised by
+`clutrr_batches.text_batch` with the saved word vocabulary) and BERT-family (`jaxalign.distill.bert_student`:
+kinds 'bert' and 'bert_lstm'; featurised by `bert_student.featurise` with the saved WordPiece tokenizer).
 
 `load_model` reads that folder back (or a run's workdir holding one) and `evaluate_rows` runs it on any rows in
 the released CSV format. Rows whose answer is not one of the model's labels cannot be predicted correctly: they
@@ -20,7 +28,8 @@ Public API:
   UNLABELLED_EDGE: the edge type of noise edges a file does not label (the released data labels only the path)
   graph_rows(rows) -> rows whose every story edge has a type (its label, or UNLABELLED_EDGE for unlabelled noise)
   without_noise_labels(rows) -> graph rows whose noise edges are all typed UNLABELLED_EDGE
-  SavedModel(role, config, params, labels, edge_types, words, max_length)
+  SavedModel(role, config, params, labels, edge_types, words, max_length, tokenizer, entity_slots); .kind
+  model_kind(config) -> 'gat' | 'bilstm' | 'transformer' | 'bert' | 'bert_lstm' | ...
   save_model(directory, model) / load_model(path) -> SavedModel
   predict(model, rows, batch_size=64, max_length=None, batches=None) -> (predictions [N] int, report dict)
   accuracy_report(rows, predictions, labels) -> {"rows", "correct", "accuracy", "per_task", "per_k", ...}
@@ -40,11 +49,13 @@ from etils import epath
 
 from jaxalign import distributed
 from jaxalign.clutrr.reader import ClutrrRow
-from jaxalign.distill import clutrr_batches
-from jaxalign.models import gnn, text_encoders
+from jaxalign.data.wordpiece import WordPieceTokenizer
+from jaxalign.distill import bert_student, clutrr_batches
+from jaxalign.models import bert, gnn, text_encoders
 
 UNLABELLED_EDGE = "unlabelled"
-MODEL_FILE, PARAMS_FILE = "model.json", "params.npz"
+MODEL_FILE, PARAMS_FILE, TOKENIZER_FOLDER = "model.json", "params.npz", "tokenizer"
+BERT_KINDS = ("bert", "bert_lstm")
 
 
 def graph_rows(rows: Sequence[ClutrrRow]) -> list[ClutrrRow]:
@@ -89,12 +100,14 @@ class SavedModel:
 
     Attributes:
       role: 'teacher' (GNN over graphs) or 'student' (text encoder over anonymised stories).
-      config: `gnn.GNNConfig` or `text_encoders.TextEncoderConfig`.
+      config: `gnn.GNNConfig`, `text_encoders.TextEncoderConfig` or `bert_student.BertStudentConfig`.
       params: the model's parameter pytree.
       labels: answer classes.
       edge_types: edge vocabulary (teacher only).
-      words: word vocabulary (student only).
+      words: word vocabulary (word-level student only).
       max_length: token budget used at evaluation (student only).
+      tokenizer: WordPiece tokenizer (BERT-family student only).
+      entity_slots: anonymisation slots, each written as a `[unusedK]` token (BERT-family student only).
     """
 
     role: str
@@ -104,6 +117,20 @@ class SavedModel:
     edge_types: clutrr_batches.Vocabulary | None = None
     words: clutrr_batches.Vocabulary | None = None
     max_length: int | None = None
+    tokenizer: WordPieceTokenizer | None = None
+    entity_slots: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """The model kind: the GNN's or word student's `config.kind`, or 'bert' / 'bert_lstm'."""
+        return model_kind(self.config)
+
+
+def model_kind(config: Any) -> str:
+    """'bert' / 'bert_lstm' for a `BertStudentConfig`, else the config's own `kind`."""
+    if isinstance(config, bert_student.BertStudentConfig):
+        return "bert_lstm" if config.use_lstm else "bert"
+    return config.kind
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
@@ -133,10 +160,16 @@ def save_model(directory: str, model: SavedModel) -> str:
     epath); returns the directory."""
     folder = epath.Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    description = {"role": model.role, "model_config": dataclasses.asdict(model.config),
+    description = {"role": model.role, "kind": model.kind, "model_config": dataclasses.asdict(model.config),
                    "labels": model.labels.to_json(), "max_length": model.max_length,
                    "edge_types": model.edge_types.to_json() if model.edge_types else None,
                    "words": model.words.to_json() if model.words else None}
+    if model.kind in BERT_KINDS:
+        if model.tokenizer is None or model.entity_slots is None:
+            raise ValueError("a BERT-family student is saved with its WordPiece tokenizer and entity_slots; "
+                             "SavedModel.tokenizer / entity_slots are missing")
+        model.tokenizer.save_folder(folder / TOKENIZER_FOLDER)
+        description.update(tokenizer=TOKENIZER_FOLDER, entity_slots=model.entity_slots)
     with (folder / PARAMS_FILE).open("wb") as stream:
         np.savez(stream, **_flatten(model.params))
     (folder / MODEL_FILE).write_text(json.dumps(description, indent=1), encoding="utf-8")
@@ -153,9 +186,19 @@ def load_model(path: str) -> SavedModel:
         raise FileNotFoundError(f"{path} holds no {MODEL_FILE} (nor model/{MODEL_FILE}); pass the workdir of a "
                                 "finished `jaxalign clutrr train-teacher` / `distill` run or its model/ folder")
     description = json.loads(model_file.read_text(encoding="utf-8"))
-    role = description.get("role")
+    role, kind = description.get("role"), description.get("kind")
+    tokenizer = None
     if role == "teacher":
         config = gnn.GNNConfig(**description["model_config"])
+    elif role == "student" and kind in BERT_KINDS:
+        fields = dict(description["model_config"])
+        config = bert_student.BertStudentConfig(bert=bert.BertConfig(**fields.pop("bert")), **fields)
+        tokenizer_folder = directory / description.get("tokenizer", TOKENIZER_FOLDER)
+        if not (tokenizer_folder / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{model_file}: a {kind} student needs its WordPiece tokenizer in "
+                                    f"{tokenizer_folder}/tokenizer.json, which is missing; copy the model/ folder "
+                                    "whole")
+        tokenizer = WordPieceTokenizer.from_folder(tokenizer_folder)
     elif role == "student":
         config = text_encoders.TextEncoderConfig(**description["model_config"])
     else:
@@ -165,7 +208,8 @@ def load_model(path: str) -> SavedModel:
     vocabulary = lambda key, kind: (clutrr_batches.Vocabulary.from_json(description[key], kind)  # noqa: E731
                                     if description.get(key) else None)
     return SavedModel(role, config, params, vocabulary("labels", "labels"), vocabulary("edge_types", "edge_types"),
-                      vocabulary("words", "words"), description.get("max_length"))
+                      vocabulary("words", "words"), description.get("max_length"), tokenizer,
+                      description.get("entity_slots"))
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -182,6 +226,8 @@ def make_predict_fn(model: SavedModel):
     """Jitted `(params, batch) -> predicted class ids [B]` for the model's role."""
     if model.role == "teacher":
         return jax.jit(lambda params, batch: gnn.apply(params, batch, model.config).logits.argmax(-1))
+    if model.kind in BERT_KINDS:
+        return jax.jit(lambda params, batch: bert_student.apply(params, batch, model.config).logits.argmax(-1))
     return jax.jit(lambda params, batch: text_encoders.apply(params, batch, model.config).logits.argmax(-1))
 
 
@@ -191,6 +237,9 @@ def featurise(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int, max
     if model.role == "teacher":
         return clutrr_batches.graph_batch(graph_rows(rows), model.labels, model.edge_types, model.config.max_nodes,
                                           model.config.max_edges, batch_size=batch_size)
+    if model.kind in BERT_KINDS:
+        return bert_student.featurise(rows, model.tokenizer, max_length, seed, labels=model.labels,
+                                      num_slots=model.entity_slots, report=report, batch_size=batch_size)
     return clutrr_batches.text_batch(rows, model.words, model.labels, max_length, seed, report=report,
                                      batch_size=batch_size)
 
@@ -200,15 +249,17 @@ def predict(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, 
     """Predicted class ids [N] for `rows`, and a report {'truncated', 'query_mentions_lost', 'unknown_labels'}.
 
     Students read stories anonymised with a fixed seed per batch (deterministic) and truncated to `max_length`
-    tokens (default: the model's evaluation budget; a transformer never beyond its position table). `batches`
+    tokens (default: the model's evaluation budget; a transformer or BERT never beyond its position table). `batches`
     (default all) predicts only those batches of `batch_size` rows; the other rows get -1 and are not counted in
     the report's truncation counts.
     """
     rows, known = _known_label_rows(rows, model.labels)
     if max_length is None:
         max_length = model.max_length or getattr(model.config, "max_length", 256)
-    if model.role == "student" and model.config.kind == "transformer":
+    if model.role == "student" and model.kind == "transformer":
         max_length = min(max_length, model.config.max_length)
+    elif model.role == "student" and model.kind in BERT_KINDS:
+        max_length = min(max_length, model.config.bert.max_positions)
     predict_fn = predict_fn or make_predict_fn(model)
     params = model.params if params is None else params
     text_report = clutrr_batches.TextReport()

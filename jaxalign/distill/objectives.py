@@ -10,7 +10,8 @@ Reasoning", EMNLP 2020, as reconstructed in CLUTRR_DISTILL.md):
 
 Public API:
   teacher_loss_fn(teacher_config) -> loss_fn(params, batch, rng)
-  student_loss_fn(student_config, teacher_config, distill) -> loss_fn(params, batch, rng)
+  student_loss_fn(student_config, teacher_config, distill, apply_student=text_encoders.apply)
+      -> loss_fn(params, batch, rng)
   distill_weights(distill) -> {'alpha', 'beta', 'entity', 'relational'};  needs_teacher(distill) -> bool
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def needs_teacher(distill: ml_collections.ConfigDict) -> bool:
 
 
 def student_loss_fn(student_config: text_encoders.TextEncoderConfig, teacher_config: gnn.GNNConfig | None,
-                    distill: ml_collections.ConfigDict) -> Callable:
+                    distill: ml_collections.ConfigDict, apply_student: Callable = text_encoders.apply) -> Callable:
     """`loss_fn(params, batch, rng)` of a student: CE + alpha * KD + beta * InfoNCE (+ entity + relational terms).
 
     params: {'student': ..., and when distilling 'teacher': frozen GNN params, 'heads': {'student', 'teacher'
@@ -65,6 +66,8 @@ def student_loss_fn(student_config: text_encoders.TextEncoderConfig, teacher_con
     batch: {'text': text_batch arrays, 'graph': graph_batch arrays (when distilling)}.
     distill: alpha (KD weight), beta (contrastive weight), tau (KD temperature), temperature (InfoNCE), and
       optionally entity_weight (FitNets on entity states) and rkd_weight (RKD distance + angle on the latents).
+    apply_student: `(params, text batch, student_config, rng) -> TextEncoderOutput`; `bert_student.apply` for a
+      BERT-family student (its output is the same NamedTuple, so every term applies unchanged).
     Metrics: cross_entropy, kd, contrastive (0 when the term is off), accuracy; entity and relational when on.
     """
     weights = distill_weights(distill)
@@ -76,7 +79,7 @@ def student_loss_fn(student_config: text_encoders.TextEncoderConfig, teacher_con
     def loss_fn(params, batch, rng):
         text = batch["text"]
         mask = text["example_mask"]
-        out = text_encoders.apply(params["student"], text, student_config, rng=rng)
+        out = apply_student(params["student"], text, student_config, rng=rng)
         cross_entropy = softmax_cross_entropy(out.logits, text["label"], mask)
         metrics = {"cross_entropy": cross_entropy, "accuracy": _masked_accuracy(out.logits, text["label"], mask),
                    "kd": jnp.zeros(()), "contrastive": jnp.zeros(())}

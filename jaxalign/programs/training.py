@@ -7,6 +7,7 @@ What is the same for all of them lives here, so a trainer only says what is its 
   * the jitted step, traced in the mesh, state donated, timed without a host synchronisation per step
     (`Training.jit_step` -> `TimedStep`);
   * the loop: resume, checkpoints, metrics, preemption (`run_loop`, over `jaxalign.train.loop.train`);
+  * early stopping on an evaluation metric with the best state kept (`EarlyStopping`, `best_evaluation`);
   * the per-process data slice: which rows of a global batch this process reads (`data_shards` for trainers that
     read one pipeline shard per mesh batch shard, `process_rows` for trainers that featurise a contiguous block
     of each global batch);
@@ -19,6 +20,7 @@ Public API:
   setup_training(params, param_axes, rules, mesh, seed) -> Training(mesh, state, shardings, optimizer, mask)
   Training.jit_step(step_fn, extra_shardings=()) -> TimedStep
   LoopSettings(...);  run_loop(training, step, batches_from, total_steps, workdir, config, settings, ...)
+  best_evaluation(evaluations, metric) -> record | None;  EarlyStopping(metric, patience, keep_best)
   data_shards(mesh, global_batch_size) -> (shard count, this process's shards)
   process_rows(batch_size, mesh) -> range
   host_rows(array, mesh) -> np.ndarray;  host_copy(tree) -> tree of np.ndarray
@@ -138,15 +140,55 @@ class LoopSettings:
 
 def run_loop(training: Training, step: Callable, batches_from: Callable, total_steps: int, workdir: str,
              config: Any, settings: LoopSettings, *, examples_per_step: int,
-             eval_fn: Callable | None = None) -> loop.TrainResult:
+             eval_fn: Callable | None = None, should_stop: Callable | None = None) -> loop.TrainResult:
     """`jaxalign.train.loop.train` with the trainer's state, step and batches: resume, checkpoints (frozen
-    parameters left out), metrics, evaluation every `settings.eval_every`, preemption."""
+    parameters left out), metrics, evaluation every `settings.eval_every`, early stopping (`should_stop`, e.g.
+    an `EarlyStopping`), preemption."""
     return loop.train(state=training.state, train_step=step, batch_iterator_factory=batches_from,
                       total_steps=total_steps, workdir=workdir, log_every=settings.log_every,
                       checkpoint_every=settings.checkpoint_every, keep=settings.keep, config=config,
                       eval_fn=eval_fn, eval_every=settings.eval_every, checkpoint_trainable_mask=training.mask,
                       examples_per_step=examples_per_step, async_checkpoints=settings.async_checkpoints,
-                      progress=settings.progress, prefetch=settings.prefetch)
+                      progress=settings.progress, prefetch=settings.prefetch, should_stop=should_stop)
+
+
+# ================================================================================================ early stopping
+def best_evaluation(evaluations: Sequence[dict], metric: str) -> dict | None:
+    """The evaluation record with the highest `metric` (the earliest of equals: a later one must improve on it
+    strictly); None when no record has a finite value."""
+    best = None
+    for record in evaluations:
+        value = record.get(metric)
+        if value is not None and np.isfinite(value) and (best is None or value > best[metric]):
+            best = record
+    return best
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """`should_stop` of `run_loop`: stops when `metric` has not improved for `patience` evaluations and hands
+    every new best state to `keep_best`.
+
+    Attributes:
+      metric: the evaluation record's key, e.g. 'eval/valid_accuracy' (higher is better).
+      patience: evaluations without a strict improvement before stopping; 0 never stops (the best is still
+        kept, so a run selects its best evaluation either way).
+      keep_best: `(state, record) -> None`, called when the evaluation just made is the best so far (the state
+        is the one evaluated, on the mesh; every process calls it).
+    """
+
+    metric: str
+    patience: int
+    keep_best: Callable[[state_lib.TrainState, dict], None]
+
+    def __call__(self, state: state_lib.TrainState, evaluations: list[dict]) -> bool:
+        best = best_evaluation(evaluations, self.metric)
+        if best is None:
+            return False
+        if best is evaluations[-1]:
+            self.keep_best(state, best)
+        since_best = len(evaluations) - 1 - next(i for i, record in enumerate(evaluations) if record is best)
+        return self.patience > 0 and since_best >= self.patience
 
 
 # ================================================================================================ data slices

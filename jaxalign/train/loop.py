@@ -37,7 +37,13 @@ The loop owns everything that is the same for all of them:
     process reached; a local check per step, no collective). A single process (no `jax.distributed`) uses its
     own SIGTERM handler and stops after the step it is in. Only when the preemption service is disabled
     (`jax_enable_preemption_service=False`) do processes agree by all-gathering their flag, every step;
-  * a corrupt latest checkpoint is skipped on resume (see `Checkpointer.restore_latest`).
+  * a corrupt latest checkpoint is skipped on resume (see `Checkpointer.restore_latest`);
+  * early stopping: every evaluation record ({'step', 'eval/<name>': value}) of the run is kept in
+    `TrainResult.evaluations` and in every checkpoint's extra (`extra['evaluations']`), so a resumed run knows
+    the evaluations before its checkpoint. After each evaluation `should_stop(state, evaluations)` (the state just
+    evaluated, every record so far) may end the run at that step: a checkpoint of the step is saved with
+    `extra['stopped_at']`, and rerunning the command restores it and trains no further (`TrainResult.stopped_at`).
+    The callable may also keep what it needs of the state (e.g. the best parameters so far).
 
 Step numbering: "step n" is the state after n updates (`state.step == n`); metrics and checkpoints of step n
 describe that state.
@@ -47,7 +53,8 @@ A process that dies (kill -9, lost host) is detected by the JAX coordination ser
 waiting in a collective forever (see tests/test_train_faults.py for what a survivor prints).
 
 Public API:
-  train(*, state, train_step, batch_iterator_factory, total_steps, workdir, ...) -> TrainResult(state, history)
+  train(*, state, train_step, batch_iterator_factory, total_steps, workdir, ...)
+      -> TrainResult(state, history, evaluations, stopped_at)
   NonFiniteLossError(step, metrics)
   TrainingPreempted(step, directory);  PREEMPTED_EXIT_CODE = 143
 """
@@ -78,6 +85,8 @@ PyTree = Any
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143
 ITERATOR_STATE = "data_iterator_state"  # the checkpoint extra's key of the batch iterators' states
+EVALUATIONS = "evaluations"  # the checkpoint extra's key of the run's evaluation records
+STOPPED_AT = "stopped_at"  # the checkpoint extra's key of the step at which `should_stop` ended the run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -141,10 +150,16 @@ class _PreemptionNotice:
 
 @dataclasses.dataclass
 class TrainResult:
-    """Final state and the metrics logged every `log_every` steps (dicts with 'step')."""
+    """Final state and the metrics logged every `log_every` steps (dicts with 'step').
+
+    `evaluations` are the run's evaluation records ({'step', 'eval/<name>'}), those before a resume included;
+    `stopped_at` is the step at which `should_stop` ended the run (None when it ran to `total_steps`).
+    """
 
     state: TrainState
     history: list[dict[str, float]]
+    evaluations: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    stopped_at: int | None = None
 
 
 def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple[TrainState, dict]],
@@ -152,8 +167,9 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
           log_every: int = 10, checkpoint_every: int = 100, keep: int = 3, config: Any = None,
           eval_fn: Callable[[TrainState], dict[str, float]] | None = None, eval_every: int | None = None,
           checkpoint_trainable_mask: PyTree | None = None, examples_per_step: int | None = None,
-          async_checkpoints: bool = True, progress: bool | None = None, prefetch: int = 0) -> TrainResult:
-    """Runs (or resumes) training until `state.step == total_steps`.
+          async_checkpoints: bool = True, progress: bool | None = None, prefetch: int = 0,
+          should_stop: Callable[[TrainState, list[dict[str, float]]], bool] | None = None) -> TrainResult:
+    """Runs (or resumes) training until `state.step == total_steps`, or until `should_stop` ends it.
 
     Args:
       state: a freshly initialised state, already placed on the mesh; also the restore target (its shardings,
@@ -176,6 +192,9 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
       prefetch: batches prepared ahead on a background thread (0, the default: none, the iterator runs in this
         thread, in step with the loop). The iterator must not run collectives across processes when prefetched
         (see `jaxalign.data.prefetch`); the trainers pass 2.
+      should_stop: `(state, evaluations) -> bool`, called after every evaluation with the state evaluated and all
+        evaluation records so far (restored ones included); True ends the run at that step, with a checkpoint
+        (see the module docstring). Must give the same answer on every process.
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite.
@@ -193,12 +212,19 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
     # --- resume ------------------------------------------------------------------------------------------------
     restored = checkpointer.restore_latest(state)
     iterator_state = None
+    evaluations: list[dict[str, float]] = []
+    stopped_at: int | None = None
     if restored is not None:
         state, extra = restored
         log.info("resumed from %s at step %d (checkpoint extras: %s)", checkpoint_dir, int(state.step),
                  sorted(extra))
         iterator_state = _own_iterator_state(extra.get(ITERATOR_STATE))
+        evaluations = list(extra.get(EVALUATIONS) or [])
+        stopped_at = extra.get(STOPPED_AT)
+        if stopped_at is not None:
+            log.info("the run was stopped early at step %d (should_stop); not training further", stopped_at)
     start_step = int(state.step)
+    last_step = start_step if stopped_at is not None else total_steps
     if iterator_state is not None:
         batches = batch_iterator_factory(start_step, start_state=iterator_state)
     else:
@@ -210,13 +236,18 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
     bar = TrainProgress(total_steps, start_step, examples_per_step, disable=None if progress is None else not progress)
     history: list[dict[str, float]] = []
 
-    def eval_and_log(step: int) -> None:
+    def eval_and_log(step: int) -> bool:
+        """Evaluates, logs and records the state of `step`; returns `should_stop`'s answer (False without one)."""
         results = {f"eval/{name}": float(value) for name, value in eval_fn(state).items()}
         writer.write(step, results)
         history.append({"step": step, **results})
+        evaluations.append({"step": step, **results})
+        return bool(should_stop(state, evaluations)) if should_stop is not None else False
 
-    def save_checkpoint(step: int, force: bool = False) -> None:
-        extra = {"step": step, "next_batch_index": step}
+    def save_checkpoint(step: int, force: bool = False, stopped: bool = False) -> None:
+        extra = {"step": step, "next_batch_index": step, EVALUATIONS: evaluations}
+        if stopped:
+            extra[STOPPED_AT] = step
         if resumable:
             extra[ITERATOR_STATE] = _gathered_iterator_state(batches.state)
         if config is not None:
@@ -230,7 +261,7 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
     pending: list[tuple[int, dict]] = []  # (step, metrics still on the device) since the last pull
     last_loss: float | None = None
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(start_step + 1, last_step + 1):
             try:
                 batch = next(batches)
             except StopIteration:
@@ -259,8 +290,11 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
                     history.append({"step": step, **record})
             bar.update(step, last_loss)
 
-            if evaluating:
-                eval_and_log(step)
+            if evaluating and eval_and_log(step):
+                stopped_at = step
+                log.info("stopping early at step %d of %d (should_stop)", step, total_steps)
+                save_checkpoint(step, force=True, stopped=True)
+                break
             if checkpointing:
                 save_checkpoint(step)
             if preempted:
@@ -272,7 +306,7 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
                 raise preempted
 
         # --- final evaluation ----------------------------------------------------------------------------------
-        if eval_fn is not None and int(state.step) == total_steps:
+        if eval_fn is not None and stopped_at is None and int(state.step) == total_steps:
             eval_and_log(total_steps)
     finally:
         if isinstance(batches, Prefetcher):
@@ -281,7 +315,7 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
         bar.close()
         writer.close()
         checkpointer.close()
-    return TrainResult(state=state, history=history)
+    return TrainResult(state=state, history=history, evaluations=evaluations, stopped_at=stopped_at)
 
 
 def _pull_metrics(metrics: list[dict[str, Any]]) -> list[dict[str, float]]:
