@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxalign.io import hf_folder
 from jaxalign.io.hf_folder import CheckpointFormatError
+from jaxalign.io.hf_folder import tree_get as _get
 from jaxalign.models import bert, layers
 from jaxalign.models.bert import BertConfig
 
@@ -117,16 +118,17 @@ def _hf_shape(cfg: BertConfig, layout: str, ours: tuple[int, ...]) -> tuple[int,
     return tuple(_LAYOUTS[layout][1](np.zeros(ours, np.float32), cfg).shape)
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
+class _Converter:
+    """Hugging Face tensor -> ours for `hf_folder.params_from_table`, by layout."""
 
+    def __init__(self, cfg: BertConfig):
+        self.cfg = cfg
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    def __call__(self, array: np.ndarray, layout: str) -> np.ndarray:
+        return _LAYOUTS[layout][0](array, self.cfg)
+
+    def hf_shape(self, layout: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return _hf_shape(self.cfg, layout, ours)
 
 
 # ------------------------------------------------------------------------------------------ import / export
@@ -162,22 +164,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: BertConfig, source: s
     """
     tensors = modern_names(tensors)
     prefix = detect_prefix(tensors, source)
-    expected = layers.shapes(bert.param_specs(cfg))
     embeddings, per_layer = _tensor_table()
-    params: dict = {}
-    used: set[str] = set()
-
-    def convert(name: str, layout: str, shape: tuple[int, ...]) -> np.ndarray:
-        used.add(name)
-        array = hf_folder.take(tensors, name, _hf_shape(cfg, layout, shape), source)
-        return np.asarray(_LAYOUTS[layout][0](np.asarray(array, np.float32), cfg))
-
-    for name, path, layout in embeddings:
-        _set(params, path, convert(prefix + name, layout, _get(expected, path).shape))
-    for name, path, layout in per_layer:
-        shape = _get(expected["layers"], path).shape[1:]
-        _set(params, ("layers", *path),
-             np.stack([convert(prefix + name.format(i=i), layout, shape) for i in range(cfg.num_layers)]))
+    params, used = hf_folder.params_from_table(tensors, prefix, layers.shapes(bert.param_specs(cfg)), embeddings,
+                                               per_layer, cfg.num_layers, _Converter(cfg), source)
 
     # position_ids is a non-persistent buffer that older checkpoints still carry.
     unused = sorted(name for name in tensors if name not in used and not name.endswith("position_ids")

@@ -97,6 +97,46 @@ def take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], s
     return array
 
 
+def tree_get(tree: dict, path: tuple[str, ...]) -> Any:
+    """`tree[path[0]][path[1]]...` (a KeyError names the first missing key)."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def tree_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """Sets `tree[path[0]]...[path[-1]] = value`, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def params_from_table(tensors: Mapping[str, np.ndarray], prefix: str, expected: dict, top: list, per_layer: list,
+                      num_layers: int, convert: Any, source: str) -> tuple[dict, set[str]]:
+    """Parameters from a table of (Hugging Face name, our path, layout) entries: `top` ones once, `per_layer` ones
+    (names with `{i}`) once per layer, stacked on a leading layer axis under 'layers'.
+
+    `expected` is our parameter shapes (`layers.shapes(param_specs(cfg))`); `convert(array, layout)` turns a
+    checked Hugging Face tensor into ours and `hf_shape(layout, our shape)`, its `hf_shape` attribute, gives the
+    Hugging Face shape to check against. Returns (params, the Hugging Face names used), so the caller can refuse
+    tensors the config left unused."""
+    params: dict = {}
+    used: set[str] = set()
+
+    def read(name: str, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+        used.add(name)
+        array = take(tensors, name, convert.hf_shape(layout, shape), source)
+        return np.asarray(convert(np.asarray(array, np.float32), layout))
+
+    for name, path, layout in top:
+        tree_set(params, path, read(prefix + name, layout, tree_get(expected, path).shape))
+    for name, path, layout in per_layer:
+        shape = tree_get(expected["layers"], path).shape[1:]
+        tree_set(params, ("layers", *path),
+                 np.stack([read(prefix + name.format(i=i), layout, shape) for i in range(num_layers)]))
+    return params, used
+
+
 def write_folder(folder: str, config: dict, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes `config.json` and `model.safetensors` (float32 unless a tensor is already another dtype)."""
     from safetensors.numpy import save_file

@@ -169,10 +169,7 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+_set = hf_folder.tree_set
 
 
 def _to_ours(array: np.ndarray, path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxalign.io import hf_folder
 from jaxalign.io.hf_folder import CheckpointFormatError
+from jaxalign.io.hf_folder import tree_get as _get, tree_set as _set
 from jaxalign.models import layers, vit
 from jaxalign.models.vit import VisionConfig
 
@@ -157,16 +158,17 @@ def _tensor_table(cfg: VisionConfig) -> tuple[list, list]:
     return tower, per_layer
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
+class _Converter:
+    """Hugging Face tensor -> ours for `hf_folder.params_from_table`, by layout."""
 
+    def __init__(self, cfg: VisionConfig):
+        self.cfg = cfg
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    def __call__(self, array: np.ndarray, layout: str) -> np.ndarray:
+        return np.asarray(_LAYOUTS[layout][0](array, self.cfg))
+
+    def hf_shape(self, layout: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return _hf_shape(self.cfg, layout, ours)
 
 
 # ------------------------------------------------------------------------------------------ import / export
@@ -198,22 +200,16 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: VisionConfig, source:
         config and the checkpoint disagree, for example a head the config says is absent).
     """
     prefix = detect_prefix(tensors, source) if prefix is None else prefix
-    expected = layers.shapes(vit.param_specs(cfg))
     tower, per_layer = _tensor_table(cfg)
-    params: dict = {}
-    used: set[str] = set()
+    converter = _Converter(cfg)
+    params, used = hf_folder.params_from_table(tensors, prefix, layers.shapes(vit.param_specs(cfg)), tower, per_layer,
+                                               cfg.num_layers, converter, source)
 
     def convert(name: str, layout: str, shape: tuple[int, ...]) -> np.ndarray:
         used.add(name)
-        array = hf_folder.take(tensors, name, _hf_shape(cfg, layout, shape), source)
-        return np.asarray(_LAYOUTS[layout][0](np.asarray(array, np.float32), cfg))
+        return converter(np.asarray(hf_folder.take(tensors, name, converter.hf_shape(layout, shape), source),
+                                    np.float32), layout)
 
-    for name, path, layout in tower:
-        _set(params, path, convert(prefix + name, layout, _get(expected, path).shape))
-    for name, path, layout in per_layer:
-        shape = _get(expected["layers"], path).shape[1:]
-        stacked = [convert(prefix + name.format(i=i), layout, shape) for i in range(cfg.num_layers)]
-        _set(params, ("layers", *path), np.stack(stacked))
     if cfg.variant == "siglip" and cfg.use_head:
         width = cfg.hidden_size
         packed_weight = convert(prefix + "head.attention.in_proj_weight", "copy", (3 * width, width))
