@@ -366,8 +366,11 @@ def test_a_run_with_the_oracle_control_gives_every_batch_its_own_values(llava_ru
     generation = next(iter(pipeline.make_eval_dataset(run.sources["eval"], batch_size=4, for_generation=True,
                                                       **options)))
     np.testing.assert_array_equal(generation[pipeline.ORACLE_FIELD], scoring[pipeline.ORACLE_FIELD])
+    from jaxalign.programs import tinyalign_setup
+
+    stop_ids = tinyalign_setup.stop_token_ids(run.tokenizer, run.template)  # values are text: no end-of-turn
     np.testing.assert_array_equal(scoring[pipeline.ORACLE_FIELD],
-                                  memory_keys.answer_token_values(scoring["labels"], run.cfg.value_length))
+                                  memory_keys.answer_token_values(scoring["labels"], run.cfg.value_length, stop_ids))
     batch = sharding.global_batch(model_lib.numpy_batch(train), run.mesh)
     loss = jax.jit(lambda p, b, m: loss_lib.make_loss_fn(run.cfg, m, train=True)(p, b, None)[0])(
         run.params, batch, run.memory)

@@ -153,7 +153,7 @@ def test_qwen2_bank_fingerprint_is_the_one_of_the_loaded_towers(inputs, qwen2_ru
     assert (vision_cfg.variant, vision_cfg.use_head, lm_cfg.tie_word_embeddings, cfg.num_image_tokens) == (
         "siglip", True, True, (fixtures.IMAGE_SIZE // fixtures.PATCH_SIZE) ** 2)
     expected = memory_keys.memory_fingerprint({"vision": vision_params, "lm": lm_params}, cfg,
-                                              manifest(results)["extra"]["source"])
+                                              manifest(results)["extra"]["source"], setup.TOKEN_VALUE_FORMAT)
     assert manifest(results)["encoder_fingerprint"] == expected
 
 

@@ -46,6 +46,8 @@ from jaxalign.train import optimizer as opt_lib
 
 log = logging.getLogger(__name__)
 ConfigDict = ml_collections.ConfigDict
+# What a bank's token values are, in its fingerprint: banks whose values still end in end-of-turn tokens are rebuilt.
+TOKEN_VALUE_FORMAT = {"values_without": "stop tokens"}
 STAGE_TRAINABLE = {1: ("connector", "retrieval_connector"), 2: ("connector", "retrieval_connector", "lm")}
 
 
@@ -481,7 +483,7 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
     perceiver_cfg = perceiver_config(config, cfg) if cfg.value_kind == "latents" else None
     # Faithful values come from the seeded Perceiver: its settings and initialisation scheme name the bank too.
     extra = ({"perceiver": dataclasses.asdict(perceiver_cfg), "perceiver_init": value_encoders.PERCEIVER_INIT}
-             if perceiver_cfg else {"values_without": "stop tokens"})
+             if perceiver_cfg else TOKEN_VALUE_FORMAT)
     # Token values are the text of an answer / caption without the template's end-of-turn and end-of-text tokens.
     stop_ids = stop_token_ids(data_options["tokenizer"], data_options["template"])
     fingerprint = memory_keys.memory_fingerprint(params, cfg, source_name, extra)
@@ -508,7 +510,17 @@ def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg:
 
     bank, info = memory_keys.load_or_build_bank(directory, fingerprint, build, mesh,
                                                 extra={"source": source_name, "mode": cfg.query.mode})
-    info["build_skipped"] = skipped or None
+    # Each process built its own rows: the report of the whole bank is the sum of theirs (the same on every process).
+    from jaxalign.data.batching import SkipReport
+    from jaxalign.programs import training
+
+    reports = training.gather_json(skipped)
+    info["build_skipped"] = None
+    if any(reports):
+        total = SkipReport()
+        for report in reports:
+            total = total.merge(SkipReport.from_json(report)) if report else total
+        info["build_skipped"] = total.to_json()
     # The control's permutation ('shuffled': all rows; 'shuffle_within_group': within the rows' groups, read from
     # the memory source) and, for 'oracle', each batch's own value in the bank's token form (options of every
     # dataset of the run, training and evaluation; a question's caption for an easy-vqa captions bank).

@@ -25,6 +25,7 @@ Public API:
   process_rows(batch_size, mesh) -> range
   host_rows(array, mesh) -> np.ndarray;  host_copy(tree) -> tree of np.ndarray
   write_json(workdir, name, value) -> None (process 0);  where_it_ran() -> {'process_count', 'device_count'}
+  gather_json(value) -> [value of each process]
 """
 from __future__ import annotations
 
@@ -246,6 +247,20 @@ def host_copy(tree: PyTree) -> PyTree:
 
 
 # ================================================================================================ outputs
+def gather_json(value: Any) -> list[Any]:
+    """The JSON-able `value` of every process, in process order (every process must call it; one process: [value])."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value).encode("utf-8"), dtype=np.uint8)
+    lengths = np.ravel(multihost_utils.process_allgather(np.asarray([encoded.size], dtype=np.int32)))
+    padded = np.zeros(int(np.max(lengths)), dtype=np.uint8)
+    padded[:encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:int(length)]).decode("utf-8")) for row, length in zip(gathered, lengths)]
+
+
 def where_it_ran() -> dict[str, int]:
     """{'process_count', 'device_count'}: recorded in every summary and results file."""
     return {"process_count": jax.process_count(), "device_count": jax.device_count()}
