@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "jaxalign.commands.memory",      # build-memory, search-memory
     "jaxalign.commands.clutrr",      # clutrr generate / solve / train-teacher / distill / eval
     "jaxalign.commands.align",       # train, eval
+    "jaxalign.commands.predict",     # predict (one image, one question, with the retrieved neighbours)
     "jaxalign.commands.demo",        # demo
     "jaxalign.commands.score",       # score (standard VLM benchmarks' official scoring)
 )

@@ -18,6 +18,7 @@ Public API:
   load_config(path_or_module, overrides=()) -> ConfigDict   ('file.py[:arg]' or 'package.module[:arg]')
   apply_overrides(config, overrides) -> ConfigDict (in place, returned)
   save_resolved_config(config, workdir) -> path of config.json
+  load_resolved_config(workdir) -> ConfigDict (what a run saved; `jaxalign predict` reads it)
 """
 from __future__ import annotations
 
@@ -158,3 +159,33 @@ def save_resolved_config(config: ConfigDict | dict, workdir: str | os.PathLike) 
     staged.write_text(text + "\n")
     staged.replace(path)  # never leave a half-written config next to the checkpoints
     return os.fspath(path)
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    return value
+
+
+def load_resolved_config(workdir: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:
+    """The config a run saved as `<workdir>/config.json` (`save_resolved_config`), with `overrides` applied.
+
+    JSON has no tuples: its lists come back as tuples, as the config files write sequences (mesh shapes, length
+    buckets, trainable parts).
+
+    Raises:
+      FileNotFoundError: the workdir has no config.json (no run was started there).
+      ValueError: config.json is not a JSON object.
+    """
+    path = epath.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)} does not exist: {os.fspath(workdir)} is not the workdir of a run")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{os.fspath(path)} holds a {type(content).__name__}, not a config object")
+    return apply_overrides(ConfigDict(_tuples(content)), overrides)

@@ -17,7 +17,10 @@ metrics.jsonl, tensorboard/, results.json.
 Public API:
   train_and_evaluate(config, workdir) -> results dict (also written to workdir/results.json)
   evaluate_checkpoint(config, workdir) -> results dict of the latest checkpoint (no training)
+  restore_run(config, workdir) -> (Run, params of the latest checkpoint, names of the restored params)
   make_evaluator(run) -> evaluate(params, progress=None) -> {loss, perplexity, num_tokens, vqa, vqa_accuracy}
+  make_answer_generator(run) -> answer(params, batch, max_new_tokens) -> (tokens [B, T], aux): the greedy answers
+    with retrieval that the VQA evaluation and `jaxalign predict` (`jaxalign.programs.predict`) both generate
 Where each part of a run comes from (data sources, tokenizer, towers, model config, freeze rules, checkpoint
 reading) is `jaxalign.programs.tinyalign_setup`.
 
@@ -122,6 +125,31 @@ class ShardEvalBatches:
             yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
+def make_answer_generator(run: Run):
+    """`answer(params, batch, max_new_tokens) -> (tokens, aux)`: greedy answers to a batch of prompts.
+
+    `batch` is this process's rows of a generation batch (`pipeline.make_eval_dataset(for_generation=True)`,
+    left-padded prompts). The prompt is spliced with the image tokens and the tokens retrieved from the run's
+    bank (`model_lib.build_lm_inputs`, no leave-one-out: a test sample is not in the bank), then decoded with the
+    KV cache until a stop token (`stop_token_ids`). Returns global arrays on the run's mesh: tokens
+    [B, max_new_tokens] (pad after the stop token) and aux, `build_lm_inputs`'s: with retrieval on
+    'retrieved_ids', 'scores', 'value_ids' [B, k], 'query' [B, key_dim] and, for token values,
+    'value_token_ids' [B, k, Lv]; empty without retrieval. The prefill is jitted once per generator."""
+    cfg, mesh = run.cfg, run.mesh
+    prefill = jax.jit(sharding.trace_in_mesh(
+        lambda p, b, m: model_lib.build_lm_inputs(p, cfg, b, m, False, "left"), mesh))
+    stop_ids = stop_token_ids(run.tokenizer, run.template)
+
+    def answer(params: dict, batch: dict, max_new_tokens: int) -> tuple[jax.Array, dict]:
+        spliced, aux = prefill(params, _device_batch(batch, mesh), run.memory)
+        out = generate.generate(params["lm"], cfg.lm, inputs_embeds=spliced.inputs_embeds,
+                                attention_mask=spliced.attention_mask, max_new_tokens=max_new_tokens,
+                                eos_id=stop_ids, pad_id=run.tokenizer.pad_id)
+        return out.tokens, aux
+
+    return answer
+
+
 def make_evaluator(run: Run):
     """`evaluate(params, progress) -> results`: eval loss / perplexity and, when the config asks, VQA accuracy
     per question type. The jitted functions are made once, so periodic evaluations compile nothing new."""
@@ -130,9 +158,7 @@ def make_evaluator(run: Run):
                    verbose=False)
     loss_step = jax.jit(sharding.trace_in_mesh(
         lambda p, b, m: loss_lib.make_loss_fn(cfg, m, train=False)(p, b, None)[1], mesh))
-    prefill = jax.jit(sharding.trace_in_mesh(
-        lambda p, b, m: model_lib.build_lm_inputs(p, cfg, b, m, False, "left")[0], mesh))
-    stop_ids = stop_token_ids(run.tokenizer, run.template)
+    answer = make_answer_generator(run)
     max_batches = config.eval.max_batches or None
     # config.eval.batch_size is global, like config.train.batch_size: one part per data shard.
     shard_count, own_shards = training.data_shards(mesh, config.eval.batch_size)
@@ -162,12 +188,8 @@ def make_evaluator(run: Run):
                                                  to_device=lambda b: _device_batch(b, mesh), progress=show))
         if config.eval.vqa:
             def generate_fn(batch):
-                spliced = prefill(params, _device_batch(batch, mesh), run.memory)
-                out = generate.generate(params["lm"], cfg.lm, inputs_embeds=spliced.inputs_embeds,
-                                        attention_mask=spliced.attention_mask,
-                                        max_new_tokens=config.eval.max_new_tokens, eos_id=stop_ids,
-                                        pad_id=run.tokenizer.pad_id)
-                return training.host_rows(out.tokens, mesh)
+                tokens, _ = answer(params, batch, config.eval.max_new_tokens)
+                return training.host_rows(tokens, mesh)
 
             # Each process scores its own rows; the counts are summed over processes (`evaluate_vqa`).
             accuracy, examples = vqa.evaluate_vqa(generate_fn, eval_batches(True), run.tokenizer, progress=show)
@@ -300,11 +322,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     return results
 
 
-def evaluate_checkpoint(config: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of `workdir` (loss, perplexity, VQA accuracy) without training."""
+def restore_run(config: ConfigDict, workdir: str) -> tuple[Run, dict, list[str]]:
+    """(run, params, names of the params read from the checkpoint): a trained run as its latest checkpoint left
+    it, its params sharded over the run's mesh (what `evaluate_checkpoint` and `jaxalign predict` start from)."""
     run = build_run(config, workdir)
     params, replaced = overwrite_params(run.params, read_checkpoint_params(workdir), workdir)
-    params = sharding.shard_params(params, run.param_axes, run.mesh)
+    return run, sharding.shard_params(params, run.param_axes, run.mesh), replaced
+
+
+def evaluate_checkpoint(config: ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the latest checkpoint of `workdir` (loss, perplexity, VQA accuracy) without training."""
+    run, params, replaced = restore_run(config, workdir)
     evaluation = make_evaluator(run)(params, progress=config.progress)
     return {"workdir": workdir, "restored_params": len(replaced), **training.where_it_ran(), "eval": evaluation,
             "memory": run.memory_info}
