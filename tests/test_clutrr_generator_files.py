@@ -5,6 +5,7 @@ github.com/facebookresearch/clutrr (clutrr/generator.py `generate_rows`, saved b
 with pandas `to_csv`); that folder's README says how they were made and which code writes each column.
 """
 import csv
+import dataclasses
 import io
 import json
 import pathlib
@@ -164,3 +165,98 @@ def test_solve_command_names_the_bad_row_of_a_generator_file(tmp_path, capsys):
     assert status == 0 and output["rows"] == 3 and output["rows_skipped"] == 1
     assert str(path) in output["skipped"][0] and records[1]["id"] in output["skipped"][0]
     assert "'edge_types'" in output["skipped"][0]
+
+
+# ------------------------------------------------------------------ the teacher with and without noise labels
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "jaxalign" / "configs"
+
+
+@pytest.fixture(scope="module")
+def teacher_on_generator_files(tmp_path_factory):
+    """A small GNN teacher trained on the generator's training file and tested on its test files (eval.json)."""
+    workdir = str(tmp_path_factory.mktemp("generator_teacher"))
+    argv = ["clutrr", "train-teacher", "--config", f"{CONFIGS / 'clutrr_teacher.py'}:quick,data_root=",
+            "--workdir", workdir, f"--config.data.train={TRAIN}", f"--config.data.test=('{FIXTURES}',)",
+            "--config.steps=40", "--config.batch_size=8", "--config.model.hidden=16", "--config.model.num_layers=2",
+            "--config.lr=0.01", "--config.train.async_checkpoints=false"]
+    assert cli.main(argv) == 0
+    return workdir
+
+
+def _teacher_predictions_by_hand(model, rows, noise_type=None):
+    """(predicted, target) class ids [N] from the teacher's own forward pass on graphs built here: every story
+    edge typed by the file's label, or each noise edge typed `noise_type` when given."""
+    import numpy as np
+    from jaxalign.distill import clutrr_batches
+    from jaxalign.models import gnn
+
+    graphs = [dataclasses.replace(row, edge_types=tuple(row.edge_types) + (
+        tuple(row.noise_edge_types) if noise_type is None else (noise_type,) * len(row.noise_edges)))
+        for row in rows]
+    batch = clutrr_batches.graph_batch(graphs, model.labels, model.edge_types, model.config.max_nodes,
+                                       model.config.max_edges)
+    return np.asarray(gnn.apply(model.params, batch, model.config).logits.argmax(-1)), batch["label"]
+
+
+def _accuracy_by_hand(model, rows, noise_type=None):
+    predicted, target = _teacher_predictions_by_hand(model, rows, noise_type)
+    return float((predicted == target).mean())
+
+
+def test_teacher_eval_json_has_accuracy_with_noise_labels_and_with_them_unlabelled(teacher_on_generator_files):
+    from jaxalign.distill import evaluate
+
+    model = evaluate.load_model(teacher_on_generator_files)
+    with open(pathlib.Path(teacher_on_generator_files) / "eval.json", encoding="utf-8") as stream:
+        saved = json.load(stream)
+    for name in TEST_FILES:
+        rows = reader.read_csv(FIXTURES / name)
+        report = saved["test"][name]
+        assert report["rows_noise_labelled"] == sum(row.noise_task != 1 for row in rows)
+        assert report["accuracy"] == pytest.approx(_accuracy_by_hand(model, rows))
+        if name == "1.3_test.csv":    # clean: no noise edge, nothing to compare
+            assert report["rows_noise_labelled"] == 0 and report["accuracy_noise_unlabelled"] is None
+        else:
+            assert report["rows_noise_labelled"] == len(rows)
+            assert report["accuracy_noise_unlabelled"] == pytest.approx(
+                _accuracy_by_hand(model, rows, noise_type="unlabelled"))
+        assert saved["test_accuracy_noise_unlabelled"][name] == report["accuracy_noise_unlabelled"]
+
+
+def test_eval_command_reports_a_teacher_with_noise_labels_and_with_them_unlabelled(teacher_on_generator_files,
+                                                                                    tmp_path, capsys):
+    """The teacher again, with its 'unlabelled' edge embedding pushed far from the others (minus ten times that of
+    'son'), so that replacing the noise labels changes its predictions."""
+    from jaxalign.distill import evaluate
+
+    model = evaluate.load_model(teacher_on_generator_files)
+    table = model.params["edge_embedding"]      # [2 * edge types, hidden]: each type, then its reverse
+    for unlabelled in (model.edge_types.id("unlabelled"), model.edge_types.id("unlabelled") + len(model.edge_types)):
+        table[unlabelled] = -10.0 * table[model.edge_types.id("son")]
+    evaluate.save_model(str(tmp_path / "model"), model)
+
+    noisy = [row for name in TEST_FILES[1:] for row in reader.read_csv(FIXTURES / name)]
+    assert (_teacher_predictions_by_hand(model, noisy)[0]
+            != _teacher_predictions_by_hand(model, noisy, noise_type="unlabelled")[0]).any()
+    capsys.readouterr()
+    argv = ["clutrr", "eval", "--checkpoint", str(tmp_path / "model")]
+    assert cli.main(argv + [arg for name in TEST_FILES for arg in ("--csv", str(FIXTURES / name))]) == 0
+    printed = json.loads(capsys.readouterr().out)["files"]
+    for name in TEST_FILES:
+        rows, report = reader.read_csv(FIXTURES / name), printed[str(FIXTURES / name)]
+        assert report["accuracy"] == pytest.approx(_accuracy_by_hand(model, rows))
+        if name == "1.3_test.csv":
+            assert (report["rows_noise_labelled"], report["accuracy_noise_unlabelled"]) == (0, None)
+        else:
+            assert report["rows_noise_labelled"] == len(rows)
+            assert report["accuracy_noise_unlabelled"] == pytest.approx(
+                _accuracy_by_hand(model, rows, noise_type="unlabelled"))
+
+
+def test_noise_label_report_is_for_teachers_only():
+    from jaxalign.distill import clutrr_batches, evaluate
+    from jaxalign.models import text_encoders
+
+    student = evaluate.SavedModel("student", text_encoders.TextEncoderConfig(), {}, clutrr_batches.label_vocabulary())
+    with pytest.raises(ValueError, match="student"):
+        evaluate.noise_label_report(student, reader.read_csv(FIXTURES / "2.3_test.csv"))

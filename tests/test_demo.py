@@ -154,6 +154,26 @@ def test_table_shows_mean_and_std_per_run_and_marks_paired_differences():
     assert "24 easy-vqa test questions per seed" in "\n".join(lines)
 
 
+def test_distillation_table_says_what_it_shows_and_points_to_the_benchmark():
+    files = ("1.2_test.csv", "1.3_test.csv")
+    results = {"settings": {"train_rows": 1000, "test_rows_per_file": 128, "teacher_steps": 300,
+                            "student_steps": 500, "seed": 0},
+               "majority_baseline": dict(zip(files, (0.094, 0.117))),
+               "teacher": {"test_accuracy": dict(zip(files, (1.0, 0.891)))},
+               "student_alone": {"test_accuracy": dict(zip(files, (0.953, 0.719)))},
+               "student_kd_contrastive": {"test_accuracy": dict(zip(files, (0.938, 0.758)))}}
+    lines = demo.format_distillation_table(results).splitlines()
+    header = next(line for line in lines if line.startswith("test file"))
+    assert [title.strip() for title in header.split("  ") if title.strip()][1:] == [
+        "most frequent answer", "GNN teacher (graph)", "BiLSTM alone (text)", "BiLSTM + KD + NCE"]
+    assert next(line for line in lines if line.startswith("1.3_test.csv")).split()[1:] == [
+        "0.117", "0.891", "0.719", "0.758"]
+    text = "\n".join(lines)
+    assert "1000 training stories of k = 2, 3; 128 test rows per file; seed 0" in text
+    assert "(300 steps)" in text and "(500 steps)" in text
+    assert "bench/clutrr_distill.py" in text and "bench/RESULTS.md" in text
+
+
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):

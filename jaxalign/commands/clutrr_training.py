@@ -10,7 +10,9 @@ checkpoints, the final model (model/: the best validation evaluation's when the 
 see `jaxalign.programs.clutrr_trainer`) and eval.json, and print a JSON summary (with the run's process_count and
 device_count; under a launcher every process prints the same summary and process 0 writes the files). `eval`
 accepts any CSV in the released format (for example a file written by `jaxalign clutrr generate`) and prints
-JSON with the accuracy overall, per noise task, per k and per (task, k).
+JSON with the accuracy overall, per noise task, per k and per (task, k); for a teacher, also the number of rows
+whose file labels their noise edges (`rows_noise_labelled`; files of the reference generator do) and the accuracy
+with those labels replaced by 'unlabelled' (`accuracy_noise_unlabelled`, null when no row labels its noise).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def _summary(result: dict) -> dict:
     return {key: result.get(key) for key in ("workdir", "role", "model_kind", "steps", "train_seconds",
                                              "process_count", "device_count", "final_metrics",
                                              "train_stories_truncated", "best_step", "best_valid_accuracy",
-                                             "stopped_at", "test_accuracy") if key in result}
+                                             "stopped_at", "test_accuracy", "test_accuracy_noise_unlabelled")
+            if key in result}
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
@@ -56,15 +59,17 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxalign.distill import evaluate
 
     model = evaluate.load_model(args.checkpoint)
-    reports = {}
+    files, skipped = {}, {}
     for path in args.csv:
         read_report = reader.ReadReport()
         rows = reader.read_csv(path, skip_bad=args.skip_bad, report=read_report)
         if not rows:
             raise SystemExit(f"{path}: no usable rows ({read_report.rows_skipped} skipped); nothing to evaluate")
-        report = evaluate.evaluate_rows(model, rows, batch_size=args.batch_size)
-        report["rows_skipped"] = read_report.rows_skipped
-        reports[path] = report
+        files[path], skipped[path] = rows, read_report.rows_skipped
+    # A teacher's reports also hold rows_noise_labelled and accuracy_noise_unlabelled (None: no labelled noise).
+    reports = evaluate.evaluate_files(model, files, batch_size=args.batch_size)
+    for path, report in reports.items():
+        report["rows_skipped"] = skipped[path]
     import jax
 
     header = {"checkpoint": args.checkpoint, "role": model.role, "model": model.kind,
@@ -100,7 +105,10 @@ def add_training_commands(clutrr_subparsers: argparse._SubParsersAction) -> None
         "eval", help="accuracy of a trained teacher or student on CSV files, as JSON",
         description="Loads the model of a finished train-teacher / distill run (its workdir or model/ folder) "
                     "and prints JSON with accuracy overall, per noise task, per k and per (task, k), plus counts "
-                    "of truncated stories and of answers outside the model's labels (counted as wrong).")
+                    "of truncated stories and of answers outside the model's labels (counted as wrong). For a "
+                    "teacher on a file whose rows label their noise edges (the reference generator's files), "
+                    "also the accuracy with those labels replaced by 'unlabelled' (accuracy_noise_unlabelled; "
+                    "null for files without labelled noise) and the count of such rows (rows_noise_labelled).")
     evaluate.add_argument("--checkpoint", required=True, help="workdir of a finished run, or its model/ folder")
     evaluate.add_argument("--csv", required=True, action="append",
                           help="CSV in the released CLUTRR format (repeat for several files)")

@@ -49,7 +49,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-loss", action="store_true", help="also report the loss on the test questions")
     parser.add_argument("--distillation", choices=("auto", "on", "off"), default="auto", help="also run the small "
                         "CLUTRR structured-distillation job on generated data (GNN teacher, BiLSTM student alone "
-                        "and with KD + contrastive; about a minute); 'auto' runs it except with --quick")
+                        "and with KD + contrastive, one seed; about 2 minutes) and print their accuracy per test "
+                        "file beside the most frequent answer; 'auto' runs it except with --quick")
     parser.set_defaults(func=run_demo)
 
 

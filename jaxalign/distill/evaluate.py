@@ -34,7 +34,8 @@ Public API:
   predict(model, rows, batch_size=64, max_length=None, batches=None) -> (predictions [N] int, report dict)
   accuracy_report(rows, predictions, labels) -> {"rows", "correct", "accuracy", "per_task", "per_k", ...}
   evaluate_rows(model, rows, batch_size=64) -> accuracy report with truncation / unknown-label counts
-  evaluate_files(model, files: {name: rows}) -> {name: report}
+  noise_label_report(teacher, rows) -> {'rows_noise_labelled', 'accuracy_noise_unlabelled' (None: no labelled noise)}
+  evaluate_files(model, files: {name: rows}) -> {name: report} (a teacher's with noise_label_report's keys)
 """
 from __future__ import annotations
 
@@ -324,8 +325,35 @@ def _sum_over_processes(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values)).sum(0)
 
 
+def noise_label_report(model: SavedModel, rows: Sequence[ClutrrRow], batch_size: int = 64, predict_fn=None,
+                       params=None) -> dict:
+    """How much a teacher owes to the noise labels of the reference generator's files.
+
+    Returns {'rows_noise_labelled': the rows whose file labels their noise edges, 'accuracy_noise_unlabelled':
+    the teacher's accuracy on all `rows` with those labels replaced by `UNLABELLED_EDGE` (as the released files
+    would give them; rows without labelled noise are unchanged), comparable with `evaluate_rows(...)['accuracy']`
+    on the same rows, or None when no row labels its noise (nothing to compare)}. Collective as `evaluate_rows`.
+    """
+    if model.role != "teacher":
+        raise ValueError(f"noise labels are edge types of the teacher's graphs; this model is a {model.role}, whose "
+                         "stories carry no edge types")
+    labelled = sum(row.noise_labelled for row in rows)
+    accuracy = (evaluate_rows(model, without_noise_labels(rows), batch_size, predict_fn, params)["accuracy"]
+                if labelled else None)
+    return {"rows_noise_labelled": int(labelled), "accuracy_noise_unlabelled": accuracy}
+
+
 def evaluate_files(model: SavedModel, files: dict[str, Sequence[ClutrrRow]], batch_size: int = 64,
                    params=None) -> dict[str, dict]:
-    """{file name: evaluate_rows report}, compiling the model's prediction function once."""
+    """{file name: evaluate_rows report}, compiling the model's prediction function once.
+
+    A teacher's reports also carry `noise_label_report`'s 'rows_noise_labelled' and 'accuracy_noise_unlabelled'
+    (None for a file that labels no noise edge, such as the released ones).
+    """
     predict_fn = make_predict_fn(model)
-    return {name: evaluate_rows(model, rows, batch_size, predict_fn, params) for name, rows in files.items()}
+    reports = {}
+    for name, rows in files.items():
+        reports[name] = evaluate_rows(model, rows, batch_size, predict_fn, params)
+        if model.role == "teacher":
+            reports[name].update(noise_label_report(model, rows, batch_size, predict_fn, params))
+    return reports
