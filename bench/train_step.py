@@ -16,7 +16,9 @@ run's shardings, the memory bank included), compiles it and prints one JSON line
   each part with its own token count), flops_ratio, compile_seconds.
 
 Exactly one row per stage has `recipe: true` (the config's own batch, accumulation, attention and remat); a
-stage-2 row at micro-batch 16 with the same defaults and any other explored setting have `recipe: false`.
+stage-2 row at micro-batch 16 with the same defaults, a stage-2 LoRA row at the recipe's micro-batch (`LORA`:
+adapters of rank 128 on every LM projection, as LLaVA-1.5's LoRA recipe; the LM frozen in bfloat16; its
+`overrides` say so, `lora_adapter_params` counts them) and any other explored setting have `recipe: false`.
 
 **--gpu** times real-size steps on synthetic batches at the peer's shape (729 image + 256 text tokens, random
 bfloat16 weights), with and without retrieval (k = 10 over a 558,128-row bank), and runs the PyTorch peer
@@ -75,9 +77,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from jaxalign import sharding  # noqa: E402
 from jaxalign.align import memory_keys, update_step  # noqa: E402
+from jaxalign.programs import tinyalign_lora  # noqa: E402
 from jaxalign.programs import tinyalign_setup as setup  # noqa: E402
 from jaxalign.align import model as model_lib  # noqa: E402
 from jaxalign.configs import tinyalign_qwen2  # noqa: E402
+from jaxalign.configs.tinyalign_common import lora_targets  # noqa: E402
 from jaxalign.data.chat_templates import IMAGE_TOKEN_ID  # noqa: E402
 from jaxalign.data.length_buckets import real_token_share  # noqa: E402
 from jaxalign.data.length_stats import synthetic_mix665k_lengths  # noqa: E402
@@ -85,6 +89,7 @@ from jaxalign.memory import bank as bank_lib  # noqa: E402
 from jaxalign.memory.bank import MemoryBank, padded_capacity  # noqa: E402
 from jaxalign.models import decoder, layers, vit  # noqa: E402
 from jaxalign.train import compiled_cost  # noqa: E402
+from jaxalign.train import lora as lora_lib  # noqa: E402
 from jaxalign.train import optimizer as opt_lib  # noqa: E402
 from jaxalign.train.state import create_train_state, state_shardings  # noqa: E402
 
@@ -104,6 +109,9 @@ TINY_LM = dict(family="llama", vocab_size=512, hidden_size=64, intermediate_size
 TINY_LENGTH, TINY_BANK_ROWS = {"model.max_length": 128}, 1000
 # Rows of the banks the recipe builds from its training data (LLaVA-Pretrain 558k, LLaVA-v1.5 mix 665k).
 BANK_ROWS = {1: 558_128, 2: 665_298}
+# The stage-2 LoRA row: LLaVA-1.5's LoRA setting (every LM projection, rank 128, alpha 256), as
+# `tinyalign_qwen2.py:stage=2,lora=all` sets it.
+LORA = {"model.lora.targets": lora_targets("all"), "model.lora.rank": 128, "model.lora.alpha": 256.0}
 
 
 # ============================================================================================ the model's shapes
@@ -125,11 +133,13 @@ def _spec_count(specs) -> int:
     return sum(int(np.prod(spec.shape)) for spec in jax.tree.leaves(specs, is_leaf=layers.is_spec))
 
 
-def model_flops_per_sample(cfg: model_lib.TinyAlignConfig, trainable: tuple[str, ...], seq_len: int) -> float:
+def model_flops_per_sample(cfg: model_lib.TinyAlignConfig, trainable: tuple[str, ...], seq_len: int,
+                           adapter_params: int = 0) -> float:
     """2 N T + 4 N_trainable T, each part with the tokens it sees (embedding lookups are not products).
 
     Vision: the layers that run (up to `vision_layer`) over the patches; connector: the patches; retrieval
-    connector: the retrieved value tokens; LM: its blocks and the (tied) output head over `seq_len` positions.
+    connector: the retrieved value tokens; LM: its blocks and the (tied) output head over `seq_len` positions;
+    LoRA adapters (`adapter_params` of them, trained when 'lora' is in `trainable`): the LM's positions.
     """
     vision_specs = vit.param_specs(cfg.vision)
     depth = vit.resolve_layer(cfg.vision, cfg.vision_layer)
@@ -141,7 +151,7 @@ def model_flops_per_sample(cfg: model_lib.TinyAlignConfig, trainable: tuple[str,
     retrieval = _spec_count(model_lib.connector.param_specs(cfg.retrieval_connector)) if cfg.retrieval else 0
     patches, retrieved = cfg.num_vision_tokens, cfg.num_retrieved_tokens
     parts = {"vision": (vision, patches), "connector": (connector, patches),
-             "retrieval_connector": (retrieval, retrieved), "lm": (lm, seq_len)}
+             "retrieval_connector": (retrieval, retrieved), "lm": (lm, seq_len), "lora": (adapter_params, seq_len)}
     total = sum(2.0 * n * t for n, t in parts.values())
     return total + sum(4.0 * parts[name][0] * parts[name][1] for name in trainable if name in parts)
 
@@ -157,11 +167,19 @@ def peer_formula_flops_per_sample(cfg: model_lib.TinyAlignConfig, stage: int, se
 
 
 # ============================================================================================ the update step
-def abstract_params(cfg: model_lib.TinyAlignConfig, config) -> dict:
+def abstract_params(cfg: model_lib.TinyAlignConfig, config) -> tuple[dict, dict]:
+    """(params as `jax.ShapeDtypeStruct`s in the dtypes the run stores them, their logical axes); a LoRA config's
+    adapters (float32) included as 'lora'."""
     dtypes = setup.stored_dtypes(config)
     shapes = jax.eval_shape(lambda: model_lib.init(cfg, jax.random.PRNGKey(0)))
-    return {part: jax.tree.map(lambda s, d=dtypes[part]: jax.ShapeDtypeStruct(s.shape, jnp.dtype(d)), tree)
-            for part, tree in shapes.items()}
+    params = {part: jax.tree.map(lambda s, d=dtypes[part]: jax.ShapeDtypeStruct(s.shape, jnp.dtype(d)), tree)
+              for part, tree in shapes.items()}
+    axes = model_lib.logical_axes(cfg)
+    lora = tinyalign_lora.lora_config(config)
+    if lora is not None:
+        specs = lora_lib.adapter_specs(params, axes, lora)
+        params, axes = {**params, "lora": layers.shapes(specs)}, {**axes, "lora": layers.logical_axes(specs)}
+    return params, axes
 
 
 def abstract_memory(cfg: model_lib.TinyAlignConfig, rows: int, mesh) -> memory_keys.RetrievalMemory | None:
@@ -193,9 +211,9 @@ def abstract_batch(cfg: model_lib.TinyAlignConfig, global_batch: int, seq_len: i
                for name in ("image_index", "retrieval_index", "text_start", "sample_index")}}
 
 
-def build_step(config, cfg, mesh, params):
+def build_step(config, cfg, mesh, params, param_axes=None):
     """(update step, state shardings, abstract state, trainable parts, optimizer) for `params` (arrays or
-    abstract)."""
+    abstract) with logical axes `param_axes` (default: the model's, `model_lib.logical_axes`)."""
     train = config.train
     trainable = setup.trainable_parts(config)
     schedule = opt_lib.warmup_cosine_schedule(train.learning_rate, 1000, warmup_ratio=train.warmup_ratio)
@@ -204,8 +222,9 @@ def build_step(config, cfg, mesh, params):
     optimizer = opt_lib.build_optimizer(params, rules)
     mask = opt_lib.trainable_mask(params, rules)
     state = jax.eval_shape(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
-    shardings = state_shardings(state, model_lib.logical_axes(cfg), mesh)
-    step = update_step.make_update_step(cfg, optimizer, mask, train.accum_steps, schedule)
+    shardings = state_shardings(state, param_axes if param_axes is not None else model_lib.logical_axes(cfg), mesh)
+    step = tinyalign_lora.make_update_step(cfg, tinyalign_lora.lora_config(config), optimizer, mask,
+                                           train.accum_steps, schedule)
     return step, shardings, state, trainable, optimizer
 
 
@@ -218,7 +237,8 @@ def estimate_row(stage: int, per_device_batch: int, recipe: bool, overrides: dic
     devices, accum = mesh.size, config.train.accum_steps
     global_batch = per_device_batch * devices * accum
     seq_len = cfg.max_length
-    step, shardings, state, trainable, _ = build_step(config, cfg, mesh, abstract_params(cfg, config))
+    params, param_axes = abstract_params(cfg, config)
+    step, shardings, state, trainable, _ = build_step(config, cfg, mesh, params, param_axes)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
     memory = abstract_memory(cfg, TINY_BANK_ROWS if tiny else BANK_ROWS[stage], mesh)
     batch = abstract_batch(cfg, global_batch, seq_len, mesh)
@@ -228,14 +248,17 @@ def estimate_row(stage: int, per_device_batch: int, recipe: bool, overrides: dic
     seconds = time.perf_counter() - start
     cost = compiled_cost.program_cost(compiled)
     flops_per_sample = cost.matmul_flops * devices / global_batch
-    model_flops = model_flops_per_sample(cfg, trainable, seq_len)
+    adapters = tinyalign_lora.adapter_count(params)
+    model_flops = model_flops_per_sample(cfg, trainable, seq_len, adapters)
     return {"stage": stage, "per_device_batch": per_device_batch, "devices": devices, "accum_steps": accum,
             "global_batch": global_batch, "seq_len": seq_len, "attention": _field(cfg, "attention"),
             "remat": _field(cfg, "remat"), "recipe": recipe, "peak_bytes": cost.peak_bytes,
-            "peak_gib": round(cost.peak_bytes / GIB, 2), "argument_gib": round(cost.argument_bytes / GIB, 2),
+            "argument_bytes": cost.argument_bytes, "peak_gib": round(cost.peak_bytes / GIB, 2),
+            "argument_gib": round(cost.argument_bytes / GIB, 2),
             "temp_gib": round(cost.temp_bytes / GIB, 2), "flops_per_sample": flops_per_sample,
             "model_flops_per_sample": model_flops, "flops_ratio": round(flops_per_sample / model_flops, 3),
-            "compile_seconds": round(seconds, 1), **({"overrides": overrides} if overrides else {})}
+            "compile_seconds": round(seconds, 1), **({"overrides": overrides} if overrides else {}),
+            **({"lora_adapter_params": adapters} if adapters else {})}
 
 
 def _field(cfg: model_lib.TinyAlignConfig, name: str) -> str:
@@ -271,6 +294,9 @@ def run_estimate(stages: list[int], explore: bool, tiny: bool = False) -> None:
     settings = [(stage, recipe_micro_batch(stage), True, None) for stage in stages]
     if 2 in stages:
         settings.append((2, 16, False, None))
+        # Tiny towers (width 64) take rank 8: a rank above a kernel's width would not be low-rank.
+        settings.append((2, recipe_micro_batch(2), False,
+                         LORA if not tiny else {**LORA, "model.lora.rank": 8, "model.lora.alpha": 16.0}))
     if explore:
         # The settings before this work (einsum attention keeping T x T probabilities, no remat), and every
         # remat policy with the automatic kernel, at the recipe's micro-batch.

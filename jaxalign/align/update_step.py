@@ -5,7 +5,8 @@ The bank is an argument of the jitted step (not a closed-over constant), so its 
 they are and the search runs inside the step. The state is donated: its buffers are reused for the new state.
 
 Public API:
-  make_update_step(cfg, optimizer, mask, accum_steps, learning_rate_fn) -> step(state, batch, memory)
+  make_update_step(cfg, optimizer, mask, accum_steps, learning_rate_fn, params_fn=None)
+      -> step(state, batch, memory)
   jit_update_step(step, state_shardings, mesh, memory) -> jitted step(state, batch, memory) -> (state, metrics)
 """
 from __future__ import annotations
@@ -26,12 +27,22 @@ PyTree = Any
 
 
 def make_update_step(cfg: TinyAlignConfig, optimizer: optax.GradientTransformation, mask: PyTree,
-                     accum_steps: int, learning_rate_fn: optax.Schedule | None = None) -> Callable:
+                     accum_steps: int, learning_rate_fn: optax.Schedule | None = None,
+                     params_fn: Callable[[PyTree], PyTree] | None = None) -> Callable:
     """`step(state, batch, memory) -> (state, metrics)`: token-weighted answer loss, `accum_steps` micro-batches,
     gradients of the trainable parts only (`mask`), the optimizer update. Trace it in the run's mesh
-    (`jit_update_step` does) so that kernels the compiler cannot partition run per device."""
+    (`jit_update_step` does) so that kernels the compiler cannot partition run per device.
+
+    `params_fn`: the state's params -> the model's params, applied inside the loss so that gradients flow back
+    through it (LoRA: adapters merged into their kernels, `jaxalign.train.lora`); None: the params as they are."""
     def step(state, batch, memory):
-        train_step = make_train_step(loss_lib.make_loss_fn(cfg, memory, train=True), optimizer, mask,
+        loss_fn = loss_lib.make_loss_fn(cfg, memory, train=True)
+        if params_fn is not None:
+            model_loss = loss_fn
+
+            def loss_fn(params, batch, rng):
+                return model_loss(params_fn(params), batch, rng)
+        train_step = make_train_step(loss_fn, optimizer, mask,
                                      accum_steps=accum_steps, learning_rate_fn=learning_rate_fn,
                                      summed_metrics=loss_lib.SUMMED_METRICS)
         return train_step(state, batch)

@@ -23,9 +23,28 @@ def _hf_verify(args: argparse.Namespace) -> int:
 
 
 def _hf_export(args: argparse.Namespace) -> int:
-    """Round trip through jaxalign: load SOURCE into jaxalign params, export them to DEST."""
+    """Round trip through jaxalign: load SOURCE into jaxalign params, export them to DEST; or with --workdir, the
+    LM of a trained TinyAlign run (LoRA adapters merged)."""
     from jaxalign.io import hf_folder, hf_lm, hf_vision
 
+    if args.workdir:
+        if args.source:
+            print(f"jaxalign hf-export: error: give --workdir RUN DEST or SOURCE DEST, not both (got {args.source!r} "
+                  "as well)", file=sys.stderr)
+            return 2
+        from jaxalign.programs import lm_export
+
+        try:
+            summary = lm_export.export_run_lm(args.workdir, args.dest, args.overrides)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"jaxalign hf-export: error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary))
+        return 0
+    if not args.source or args.overrides:
+        print("jaxalign hf-export: error: " + ("config overrides apply to --workdir RUN only" if args.overrides
+                                                else "give SOURCE DEST, or --workdir RUN DEST"), file=sys.stderr)
+        return 2
     model_type = hf_folder.read_config(args.source).get("model_type")
     module = hf_vision if model_type in hf_vision.MODEL_TYPES else hf_lm
     cfg, params = module.load(args.source)
@@ -49,12 +68,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     verify.set_defaults(func=_hf_verify)
 
     export = subparsers.add_parser(
-        "hf-export", help="load a Hugging Face folder into jaxalign and write it back out",
+        "hf-export", help="write a Hugging Face folder: a round trip of one, or the LM of a trained run",
         description="Read SOURCE with jaxalign's importer and write DEST with its exporter (config.json + "
-                    "model.safetensors), loadable by transformers.")
-    export.add_argument("source")
-    export.add_argument("dest")
-    export.set_defaults(func=_hf_export)
+                    "model.safetensors), loadable by transformers. With --workdir RUN instead of SOURCE: the LM of "
+                    "a trained TinyAlign run as its latest checkpoint leaves it (a LoRA run's adapters merged into "
+                    "the base weights), with the run's tokenizer; --config.a.b=value adjusts the run's saved config "
+                    "(e.g. --config.model.lm_folder on another machine).")
+    export.add_argument("source", nargs="?", help="Hugging Face snapshot folder (not with --workdir)")
+    export.add_argument("dest", help="folder to write")
+    export.add_argument("--workdir", metavar="RUN", default="",
+                        help="the workdir of a `jaxalign train` run: export its LM instead of SOURCE")
+    export.set_defaults(func=_hf_export, overrides=[], accepts_config_overrides=True)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import ml_collections
 
+# Named LoRA target sets (`model.lora.targets`; the configs' `lora=` variant): regexes over '/'-joined LM parameter
+# paths ('lm/layers/attention/query/kernel': the decoder's own names, jaxalign/models/decoder.py).
+LORA_TARGETS = {
+    "off": (),
+    "qv": ("lm/layers/attention/(query|value)/kernel",),   # the LoRA paper's choice
+    "all": ("lm/layers/attention/(query|key|value|output)/kernel",  # every projection (LLaVA-1.5's LoRA)
+            "lm/layers/mlp/(gate|up|down)/kernel"),
+}
+
+
+def lora_targets(name: str) -> tuple[str, ...]:
+    """The regexes of a named LoRA target set (a config's `lora=` variant)."""
+    if name not in LORA_TARGETS:
+        raise ValueError(f"config argument lora={name!r}: expected one of {sorted(LORA_TARGETS)} (or set "
+                         "--config.model.lora.targets to regexes)")
+    return LORA_TARGETS[name]
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field a TinyAlign run reads (`jaxalign.programs.tinyalign_trainer`), with neutral defaults."""
     c = ml_collections.ConfigDict()
-    c.stage = 1                    # 1: connectors only; 2: connectors + LM (train.trainable overrides)
+    c.stage = 1                    # 1: connectors only; 2: connectors + LM or its LoRA adapters (model.lora);
+    #                                train.trainable overrides
     c.seed = 0                     # connector init, data order and the step keys
     c.mesh = (-1, 1, 1)            # (data, fsdp, tensor); -1 takes the remaining devices
     c.progress = True              # progress bars (shown only on a terminal)
@@ -36,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"         # LM layer stack: none | save_dots | nothing | offload (jaxalign.models.layers)
     c.model.vision_remat = "none"  # tower layer stack (frozen, no gradient: recomputing it saves nothing)
     c.model.init_from = ""         # a previous stage's workdir: its trained params initialise this run
+    # LoRA (jaxalign/train/lora.py, jaxalign/programs/tinyalign_lora.py): low-rank adapters W + alpha/rank A B on
+    # the LM kernels whose '/'-joined paths a regex in `targets` fully matches (a regex matching nothing is an
+    # error); () is off. On, the LM's base weights stay frozen (in the compute dtype) and the adapters train in
+    # its place, with the connectors: only they are checkpointed, and evaluation, predict and `jaxalign hf-export
+    # --workdir` see the adapters merged into the LM. For a run that trains the LM (stage 2). Named sets:
+    # LORA_TARGETS above. `rank`: r of A [in, r] and B [r, out]; `alpha`: the product's scale is alpha / rank.
+    c.model.lora = ml_collections.ConfigDict(dict(targets=(), rank=8, alpha=16.0))
 
     c.retrieval = ml_collections.ConfigDict()
     # 'real'; the controls (jaxalign/align/controls.py): 'shuffled' (values of a fixed global permutation of the

@@ -14,16 +14,18 @@ connectors and LM train) from the stage-1 run:
 Evaluation data: a LLaVA-format JSON `eval.json` in each manual directory (questions with one short reference
 answer each); LLaVA JSON has no question types, so VQA accuracy is reported overall.
 Variants (`:key=value,...`): stage=1|2, retrieval=real|shuffled|constant|off (off = the TinyLLaVA baseline),
-k=N, fraction=0.4 (share of the training data; the bank uses the same share).
+k=N, fraction=0.4 (share of the training data; the bank uses the same share), lora=off|qv|all (stage 2 trains LoRA
+adapters, rank 128 and alpha 256 at learning rate 2e-4 as LLaVA-1.5's LoRA recipe, on the query / value kernels
+or every projection; the LM stays frozen in bfloat16; `jaxalign hf-export --workdir RUN DEST` writes the merged LM).
 """
 from __future__ import annotations
 
 from jaxalign.configs.base import parse_arg
-from jaxalign.configs.tinyalign_common import base_config
+from jaxalign.configs.tinyalign_common import base_config, lora_targets
 
 
 def get_config(arg: str | None = None):
-    arg = parse_arg(arg, stage=1, retrieval="real", k=3, fraction=1.0)
+    arg = parse_arg(arg, stage=1, retrieval="real", k=3, fraction=1.0, lora="off")
     c = base_config()
     c.stage = arg.stage
     c.mesh = (-1, 1, 1)            # data parallel; use (1, -1, 1) to shard params and optimizer state (FSDP)
@@ -62,6 +64,10 @@ def get_config(arg: str | None = None):
         c.data.train_json, c.data.train_name, c.data.image_root = "llava_v1_5_mix665k.json", "mix665k", ""
         c.data.template = "qwen2"
         c.train.learning_rate, c.train.batch_size = 2e-5, 128
+    c.model.lora.targets = lora_targets(arg.lora)
+    if c.model.lora.targets:
+        c.model.lora.rank, c.model.lora.alpha = 128, 256.0
+        c.train.learning_rate = 2e-4
     c.data.eval_json, c.data.eval_name = "eval.json", f"eval_stage{arg.stage}"
     c.data.truncate = True         # LLaVA's own behaviour for the few over-long conversations
     # Less padding: mix665k is mostly 729 image + 96 retrieved + ~100 text positions. Dense buckets around

@@ -12,17 +12,23 @@ Variants (`:key=value,...`): retrieval=real|shuffled|shuffle_within_group|consta
 shuffle_group=auto|question_type|answer_type|wording, fraction=0.4, mode=default|faithful, data=easy_vqa|llava
 (llava: also --config.data.manual_dir=DIR --config.data.data_dir=DIR, JSON files captions.json / questions.json /
 eval.json as the tests write them), steps=N, leave_out=none|self|group,
-memory_fraction=same|1.0 (the paper's 40% setting: `fraction=0.4,memory_fraction=1.0,leave_out=group`).
+memory_fraction=same|1.0 (the paper's 40% setting: `fraction=0.4,memory_fraction=1.0,leave_out=group`),
+lora=off|qv|all (stage 2 with LoRA adapters on the LM's query / value kernels or every projection, the LM frozen;
+`tinyalign_common.LORA_TARGETS`; or any regexes: --config.model.lora.targets="('lm/layers/mlp/up/kernel',)"):
+
+    jaxalign train --config jaxalign/configs/tinyalign_tiny.py:stage=2,lora=qv --workdir /tmp/tiny/stage2_lora \\
+        --config.model.init_from=/tmp/tiny/stage1
+    jaxalign hf-export --workdir /tmp/tiny/stage2_lora /tmp/tiny/stage2_lora_lm   # the LM, adapters merged
 """
 from __future__ import annotations
 
 from jaxalign.configs.base import parse_arg
-from jaxalign.configs.tinyalign_common import base_config
+from jaxalign.configs.tinyalign_common import base_config, lora_targets
 
 
 def get_config(arg: str | None = None):
     arg = parse_arg(arg, stage=1, retrieval="real", k=2, fraction=1.0, mode="default", data="easy_vqa", steps=40,
-                    leave_out="self", memory_fraction="same", shuffle_group="auto")
+                    leave_out="self", memory_fraction="same", shuffle_group="auto", lora="off")
     c = base_config()
     c.stage = arg.stage
     c.mesh = (-1, 1, 1)
@@ -31,6 +37,7 @@ def get_config(arg: str | None = None):
     c.model.remat = "none"         # tiny towers: memory is no concern, recomputing would only cost time
     c.model.connector = "mlp2x_gelu"
     c.model.drop_first_vision_token = arg.mode == "faithful"
+    c.model.lora.targets = lora_targets(arg.lora)
 
     c.retrieval.control = arg.retrieval
     c.retrieval.mode = arg.mode

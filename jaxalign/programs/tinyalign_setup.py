@@ -7,9 +7,11 @@ parameters (with a previous stage's checkpoint written over them), the memory ba
   tokenizer_corpus(config, sources) -> texts a word-level tokenizer for random towers is trained on
   load_tokenizer(config, workdir, sources) -> Tokenizer
   load_towers(config, tokenizer, mesh) -> (vision cfg, vision params, LM cfg, LM params), sharded over mesh
+  load_lm(config, tokenizer, mesh) -> (LM cfg, LM params): the LM alone (what an export of the LM needs)
   model_config(config, vision_cfg, lm_cfg) -> TinyAlignConfig;  perceiver_config(config, cfg)
   read_checkpoint_params(workdir) -> {'connector/dense_0/kernel': array, ...}
   overwrite_params(params, saved, source) -> (params, replaced names)
+  trainable_parts(config) -> parts the run trains ('lora' in place of 'lm' with LoRA, `tinyalign_lora`)
   freeze_rules(trainable, transform) -> [(regex, transform | None)]
   stop_token_ids(tokenizer, template) -> ids that end a generated answer
   build_run(config, workdir) -> Run (mesh, tokenizer, template, sources, cfg, sharded params, memory, ...)
@@ -42,6 +44,8 @@ from jaxalign.align.query import QueryConfig
 from jaxalign.data import chat_templates
 from jaxalign.data.tokenizer import Tokenizer, train_word_level_tokenizer
 from jaxalign.models import connector, decoder, vit
+from jaxalign.programs import tinyalign_lora
+from jaxalign.train import lora as lora_lib
 from jaxalign.train import optimizer as opt_lib
 
 log = logging.getLogger(__name__)
@@ -193,8 +197,20 @@ def _check_same_on_every_process(text: str, what: str) -> None:
 
 # ================================================================================================ model
 def trainable_parts(config: ConfigDict) -> tuple[str, ...]:
-    """The parts a run trains: `config.train.trainable`, or its stage's default."""
-    return tuple(config.train.trainable) if config.train.trainable else STAGE_TRAINABLE[config.stage]
+    """The parts a run trains: `config.train.trainable`, or its stage's default; with LoRA
+    (`config.model.lora.targets`) the adapters, 'lora', train in place of the LM, whose base weights stay frozen.
+
+    Raises:
+      ValueError: LoRA on a run that does not train the LM (stage 1's default): LoRA is how an LM trains.
+    """
+    parts = tuple(config.train.trainable) if config.train.trainable else STAGE_TRAINABLE[config.stage]
+    if tinyalign_lora.lora_config(config) is None:
+        return parts
+    if "lm" not in parts:
+        raise ValueError(f"config.model.lora.targets is set but this run trains {list(parts)}, not the LM: LoRA "
+                         "replaces training the LM's full weights (stage 2, or config.train.trainable with 'lm'); "
+                         "clear the targets or train the LM")
+    return tuple(part for part in parts if part != "lm") + (tinyalign_lora.PART,)
 
 
 def stored_dtypes(config: ConfigDict) -> dict[str, str]:
@@ -216,23 +232,38 @@ def load_towers(config: ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mes
     """
     model = config.model
     if model.source == "hf":
-        from jaxalign.io import hf_lm, hf_vision
+        from jaxalign.io import hf_vision
 
-        stored = stored_dtypes(config)
         vision_cfg, vision_params = hf_vision.load(model.vision_folder, dtype=model.dtype, mesh=mesh,
-                                                   param_dtype=stored["vision"])
-        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype, param_dtype=stored["lm"], mesh=mesh)
-        if tokenizer.vocab_size > lm_cfg.vocab_size:
-            raise ValueError(f"the tokenizer of {model.lm_folder} has {tokenizer.vocab_size} ids but the LM only "
-                             f"{lm_cfg.vocab_size} embedding rows")
-        return vision_cfg, jax.tree.map(jnp.asarray, vision_params), lm_cfg, lm_params
+                                                   param_dtype=stored_dtypes(config)["vision"])
+        return (vision_cfg, jax.tree.map(jnp.asarray, vision_params)) + load_lm(config, tokenizer, mesh)
     if model.source != "random":
         raise ValueError(f"config.model.source={model.source!r}; expected 'hf' or 'random'")
     vision_cfg = vit.VisionConfig(**model.random_vision.to_dict(), use_head=False, dtype=model.dtype)
+    vision_key, _ = jax.random.split(jax.random.PRNGKey(model.random_seed))
+    return (vision_cfg, vit.init(vision_cfg, vision_key)) + load_lm(config, tokenizer, mesh)
+
+
+def load_lm(config: ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh | None = None
+            ) -> tuple[decoder.DecoderConfig, dict]:
+    """(LM cfg, LM params) as `load_towers` loads them (Hugging Face folder, or the tiny random LM of
+    `config.model.random_seed`), without the vision tower."""
+    model = config.model
+    if model.source == "hf":
+        from jaxalign.io import hf_lm
+
+        lm_cfg, lm_params = hf_lm.load(model.lm_folder, dtype=model.dtype, param_dtype=stored_dtypes(config)["lm"],
+                                       mesh=mesh)
+        if tokenizer.vocab_size > lm_cfg.vocab_size:
+            raise ValueError(f"the tokenizer of {model.lm_folder} has {tokenizer.vocab_size} ids but the LM only "
+                             f"{lm_cfg.vocab_size} embedding rows")
+        return lm_cfg, lm_params
+    if model.source != "random":
+        raise ValueError(f"config.model.source={model.source!r}; expected 'hf' or 'random'")
     lm_cfg = decoder.DecoderConfig(**model.random_lm.to_dict(), vocab_size=tokenizer.vocab_size, dtype=model.dtype,
                                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    vision_key, lm_key = jax.random.split(jax.random.PRNGKey(model.random_seed))
-    return vision_cfg, vit.init(vision_cfg, vision_key), lm_cfg, decoder.init(lm_cfg, lm_key)
+    _, lm_key = jax.random.split(jax.random.PRNGKey(model.random_seed))
+    return lm_cfg, decoder.init(lm_cfg, lm_key)
 
 
 def model_config(config: ConfigDict, vision_cfg: vit.VisionConfig, lm_cfg: decoder.DecoderConfig
@@ -314,11 +345,13 @@ def overwrite_params(params: dict, saved: dict[str, np.ndarray], source: str) ->
 
 # ========================================================================================= training, generation
 def freeze_rules(trainable: tuple[str, ...], transform) -> list:
-    """Freeze rules: the listed top-level parts train with `transform`, everything else is frozen."""
-    unknown = set(trainable) - {"connector", "retrieval_connector", "lm", "vision"}
+    """Freeze rules: the listed top-level parts train with `transform`, everything else is frozen ('lora': the LoRA
+    adapters, which `trainable_parts` puts in place of 'lm')."""
+    unknown = set(trainable) - {"connector", "retrieval_connector", "lm", "vision", tinyalign_lora.PART}
     if unknown:
         raise ValueError(f"config.train.trainable has unknown parts {sorted(unknown)}; use connector, "
-                         "retrieval_connector, lm")
+                         "retrieval_connector, lm (LoRA adapters train in place of lm when "
+                         "config.model.lora.targets is set)")
     if "vision" in trainable:
         raise ValueError("the vision tower stays frozen in TinyAlign (its features key the memory bank)")
     return [(f"({'|'.join(trainable)})/.*", transform), (".*", None)]
@@ -341,7 +374,9 @@ class Run:
 
     `params` are sharded over `mesh` by `param_axes`; `memory` is None for a run without retrieval (its
     `memory_info` then empty); `data_options` are the keyword arguments of every `pipeline` dataset of the run;
-    `init_info` is {'init_from', 'replaced': number of params taken from that checkpoint}.
+    `init_info` is {'init_from', 'replaced': number of params taken from that checkpoint}. `lora` is the run's
+    `LoraConfig` (None without LoRA); with one, `params` and `param_axes` hold the adapters as 'lora' (see
+    `jaxalign.programs.tinyalign_lora`: run the model on `tinyalign_lora.model_params(params, run.lora)`).
     """
 
     config: ConfigDict
@@ -357,6 +392,7 @@ class Run:
     memory_info: dict
     data_options: dict
     init_info: dict
+    lora: lora_lib.LoraConfig | None = None
 
 
 def build_run(config: ConfigDict, workdir: str) -> Run:
@@ -395,13 +431,20 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
     params = {"vision": vision_params, "lm": lm_params,
               **model_lib.init_connectors(cfg, jax.random.PRNGKey(config.seed),
                                           identity_retrieval=config.model.identity_retrieval_init)}
+    param_axes = model_lib.logical_axes(cfg)
+    # LoRA adapters (B = 0: the model is unchanged), before init_from so that a LoRA run's adapters carry over.
+    lora = tinyalign_lora.lora_config(config)
+    if lora is not None:
+        params, param_axes = tinyalign_lora.add_adapters(params, param_axes, lora,
+                                                         jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+        log.info("LoRA rank %d, alpha %g on %d kernels (%d adapter parameters)", lora.rank, lora.alpha,
+                 len(lora_lib.target_paths(params, lora.targets)), tinyalign_lora.adapter_count(params))
     init_info = {"init_from": config.model.init_from, "replaced": 0}
     if config.model.init_from:
         params, replaced = overwrite_params(params, read_checkpoint_params(config.model.init_from),
                                             config.model.init_from)
         init_info["replaced"] = len(replaced)
         log.info("initialised %d parameters from %s", len(replaced), config.model.init_from)
-    param_axes = model_lib.logical_axes(cfg)
     params = sharding.shard_params(params, param_axes, mesh)
     from jaxalign.data import image_ops
 
@@ -444,7 +487,7 @@ def build_run(config: ConfigDict, workdir: str) -> Run:
         log.info("leave-one-out groups by %s: %d groups in the bank, the largest of %d entries (%.1f s)", group_by,
                  groups.num_groups, groups.width, time.perf_counter() - started)
     return Run(config, workdir, mesh, tokenizer, template, sources, cfg, params, param_axes, memory, memory_info,
-               data_options, init_info)
+               data_options, init_info, lora)
 
 
 def build_memory(config: ConfigDict, workdir: str, mesh: jax.sharding.Mesh, cfg: model_lib.TinyAlignConfig,

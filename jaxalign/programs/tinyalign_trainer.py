@@ -8,7 +8,9 @@ docstrings hold the commands.
 
 Stages differ only by config: stage 1 (captions) trains the connector and the retrieval connector, stage 2
 (instructions / questions) also trains the LM; the vision tower is always frozen. A stage-2 run starts from the
-final checkpoint of a stage-1 workdir (`config.model.init_from`).
+final checkpoint of a stage-1 workdir (`config.model.init_from`). With LoRA (`config.model.lora.targets`) stage 2
+trains low-rank adapters in place of the LM's weights (`jaxalign.programs.tinyalign_lora`): the checkpoints hold
+the adapters and connectors, and evaluation, `restore_run` and the export see the adapters merged into the LM.
 
 Files of a run (`workdir/`): config.json (resolved config), tokenizer/ (tiny runs: the trained word-level
 tokenizer), memory/ (the bank and its manifest, reused when the fingerprint matches), checkpoints/,
@@ -52,7 +54,7 @@ from jaxalign.data.chat_templates import IGNORE_LABEL
 from jaxalign.data.length_buckets import PaddingStats, max_over_processes
 from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
-from jaxalign.programs import tinyalign_diagnostics, training
+from jaxalign.programs import tinyalign_diagnostics, tinyalign_lora, training
 from jaxalign.programs.tinyalign_setup import (Run, build_run, freeze_rules, overwrite_params, read_checkpoint_params,
                                                stop_token_ids, trainable_parts)
 from jaxalign.train import optimizer as opt_lib
@@ -252,7 +254,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     # --- update step: one jit over (state, batch, memory), the bank searched inside -----------------------------
     # The same jitted program bench/train_step.py times (`update_step.jit_update_step`).
     step = training.TimedStep(update_step.jit_update_step(
-        update_step.make_update_step(cfg, setup.optimizer, setup.mask, train.accum_steps, schedule),
+        tinyalign_lora.make_update_step(cfg, run.lora, setup.optimizer, setup.mask, train.accum_steps, schedule),
         setup.shardings, mesh, run.memory), every=train.log_every)
 
     def train_step(state, batch):
@@ -285,7 +287,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     evaluate = make_evaluator(run)
 
     def eval_fn(current):
-        results = evaluate(current.params, progress=False)
+        results = evaluate(tinyalign_lora.model_params(current.params, run.lora), progress=False)
         return {**{name: value for name, value in results.items() if isinstance(value, float)},
                 **tinyalign_diagnostics.headline(results.get("retrieval_precision") or {})}
 
@@ -299,7 +301,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                                examples_per_step=global_batch_size, eval_fn=eval_fn if train.eval_every else None)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
-    evaluation = evaluate(result.state.params, progress=config.progress) if config.eval.at_end else {}
+    evaluation = (evaluate(tinyalign_lora.model_params(result.state.params, run.lora), progress=config.progress)
+                  if config.eval.at_end else {})
     losses = [record["loss"] for record in result.history if "loss" in record]
     skipped, padding = SkipReport(), PaddingStats()
     for iterator in iterators:
@@ -315,6 +318,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         "loss_history": [(r["step"], r["loss"]) for r in result.history if "loss" in r],
         "seconds_per_step": step.seconds_per_step, "compile_seconds": step.compile_seconds,
         "eval": evaluation, "memory": run.memory_info, "init": run.init_info,
+        "lora": None if run.lora is None else {"targets": list(run.lora.targets), "rank": run.lora.rank,
+                                               "alpha": run.lora.alpha,
+                                               "adapter_params": tinyalign_lora.adapter_count(run.params)},
         "data": {"build_reports": run.sources["build_reports"], "train_skipped": skipped.to_json(),
                  "train_padding": padding.to_json()},
     }
@@ -324,10 +330,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
 def restore_run(config: ConfigDict, workdir: str) -> tuple[Run, dict, list[str]]:
     """(run, params, names of the params read from the checkpoint): a trained run as its latest checkpoint left
-    it, its params sharded over the run's mesh (what `evaluate_checkpoint` and `jaxalign predict` start from)."""
+    it, its params sharded over the run's mesh (what `evaluate_checkpoint` and `jaxalign predict` start from).
+    A LoRA run's params come with the adapters merged into the LM (`tinyalign_lora.model_params`)."""
     run = build_run(config, workdir)
     params, replaced = overwrite_params(run.params, read_checkpoint_params(workdir), workdir)
-    return run, sharding.shard_params(params, run.param_axes, run.mesh), replaced
+    params = sharding.shard_params(params, run.param_axes, run.mesh)
+    return run, tinyalign_lora.model_params(params, run.lora), replaced
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str) -> dict[str, Any]:
