@@ -3,6 +3,9 @@ standard error of at most 0.02 on a colour or shape cell.
 
     python bench/tinyalign_study.py --out runs/study                      # the whole grid (hours on 2 CPU cores)
     python bench/tinyalign_study.py --out runs/study --k 3 --seeds 0,1,2  # one column of it
+    python bench/tinyalign_study.py --out runs/study600 --k 3 --seeds 0,1,2 --eval-questions 600 \
+        --methods baseline,tinyalign,shuffle_within_group,oracle --stage2-steps 600 --fractions 1.0
+                                                        # stage 2 long enough for the LM to read its context
 
 Each k is one `jaxalign.programs.demo.run_all` (the demo's runs: towers, stage 1 per method, stage 2 per seed at
 100% and 40% of the data) with the methods baseline, tinyalign, shuffle_within_group, oracle and constant; runs
@@ -43,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-questions", type=int, default=2000, help="test questions per run (default 2000)")
     parser.add_argument("--methods", default=",".join(STUDY_METHODS), help="comma-separated methods")
     parser.add_argument("--bank", choices=demo.BANKS, default="image_captions")
+    parser.add_argument("--stage2-steps", type=int, default=None,
+                        help="stage-2 steps at 100%% of the data (default: the demo's; the LM learns to read the "
+                             "retrieved tokens only after several hundred steps, bench/RESULTS.md)")
+    parser.add_argument("--fractions", default=None, help="data fractions, comma-separated (default: the demo's)")
     parser.add_argument("--cache", default=None, help="tower cache root (default $JAXALIGN_CACHE)")
     return parser.parse_args(argv)
 
@@ -67,6 +74,10 @@ def main(argv=None) -> int:
         settings = dataclasses.replace(
             demo.demo_settings(), k=k, seeds=tuple(int(part) for part in args.seeds.split(",")),
             eval_questions=args.eval_questions, methods=tuple(args.methods.split(",")), bank=args.bank)
+        if args.stage2_steps:
+            settings = dataclasses.replace(settings, stage2_steps=args.stage2_steps)
+        if args.fractions:
+            settings = dataclasses.replace(settings, fractions=tuple(float(part) for part in args.fractions.split(",")))
         results = demo.run_all(os.path.join(args.out, f"k{k}"), settings, args.cache)
         errors = cell_errors(results)
         study["by_k"][k] = {key: results[key] for key in ("seeds", "mean", "std", "comparisons", "claims")}

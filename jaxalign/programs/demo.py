@@ -388,7 +388,8 @@ def _uses_image(comparisons: list[dict], settings: DemoSettings) -> str | None:
     unused = [kind for kind, row in rows if not (row["exceeds_2se"] and row["mean"] > 0)]
     verdict = ("on every question type" if not unused else
                f"not on {', '.join(unused)}: there it answers as the question's wording alone suggests (with this "
-               "budget the tiny towers and 200 steps do not teach it to read those questions off the image)")
+               f"budget the tiny towers and {settings.stage2_steps} steps do not teach it to read those questions off "
+               "the image)")
     return f"The baseline uses the image beyond the question-only prior {verdict}; by type: {', '.join(parts)}"
 
 
@@ -411,7 +412,9 @@ def _claims(comparisons: list[dict], settings: DemoSettings) -> list[str]:
     if (oracle_row := _find(comparisons, oracle, base, "accuracy")) and not (
             oracle_row["exceeds_2se"] and oracle_row["mean"] > 0):
         claims.append("Since even the oracle, whose values hold each image's own caption, does not answer better, "
-                      "the LM is not reading the retrieved tokens here: no memory can help it until it does")
+                      f"the LM is not reading the retrieved tokens after {settings.stage2_steps} stage-2 steps: no "
+                      "memory can help it until it does (in our runs it learns to between 400 and 600 steps, not "
+                      "at every seed; bench/tinyalign_study.py --stage2-steps 600, bench/RESULTS.md)")
     if uses := _uses_image(comparisons, settings):
         claims.append(uses)
     if low != full:

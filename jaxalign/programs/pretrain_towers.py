@@ -69,6 +69,9 @@ class TowerPretrainConfig:
         question ("a red circle\nwhat color is the shape?" -> "red"), so that the LM has read descriptions in
         its prompt before, as real LMs have. Off by default: with 0.5 the demo's oracle still did not help (one
         seed, bench/RESULTS.md), so it is kept as a setting to study, not as the default.
+      lm_tied_embeddings: the LM head reuses the input embeddings (as Qwen2-0.5B's does), which makes copying a
+        token from the prompt a shorter path; off by default: it did not let the demo's oracle help sooner (one
+        seed, bench/RESULTS.md).
       template: the chat template the LM text is rendered with (the one the demo's VLM uses).
       seed: seeds initialisation and batch order.
     """
@@ -84,6 +87,7 @@ class TowerPretrainConfig:
     lm_layers: int = 2
     lm_heads: int = 4
     lm_kv_heads: int = 2
+    lm_tied_embeddings: bool = False
     vision_steps: int = 500
     vision_batch: int = 64
     vision_lr: float = 3e-3
@@ -371,7 +375,8 @@ def lm_config(config: TowerPretrainConfig, tokenizer: Tokenizer) -> decoder.Deco
     return decoder.DecoderConfig(
         family="llama", vocab_size=tokenizer.vocab_size, hidden_size=config.lm_width,
         intermediate_size=config.lm_mlp, num_layers=config.lm_layers, num_heads=config.lm_heads,
-        num_kv_heads=config.lm_kv_heads, max_position_embeddings=512, bos_token_id=tokenizer.bos_id,
+        num_kv_heads=config.lm_kv_heads, tie_word_embeddings=config.lm_tied_embeddings, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
 
 
