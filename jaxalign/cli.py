@@ -20,10 +20,12 @@ COMMAND_MODULES = (
     "jaxalign.commands.hf",          # hf-verify, hf-export
     "jaxalign.commands.memory",      # build-memory, search-memory
     "jaxalign.commands.clutrr",      # clutrr generate / solve / train-teacher / distill / eval
+    "jaxalign.commands.prepare_data",  # prepare-data (the tfds data sets training reads, written once)
     "jaxalign.commands.align",       # train, eval
     "jaxalign.commands.predict",     # predict (one image, one question, with the retrieved neighbours)
     "jaxalign.commands.demo",        # demo
     "jaxalign.commands.score",       # score (standard VLM benchmarks' official scoring)
+    "jaxalign.commands.eval_suite",  # eval-suite (answer and score every benchmark of a LLaVA eval folder)
 )
 
 

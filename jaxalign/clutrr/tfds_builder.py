@@ -5,6 +5,8 @@ downloads anything: released data must already sit in the manual directory, eith
 (``<manual_dir>/data_089907f8.zip``) or unpacked (``<manual_dir>/data_089907f8/*.csv``).
 
 Splits are named after the CSV files: ``1.2,1.3_train.csv`` -> ``train``, ``1.3_test.csv`` -> ``test_1_3``.
+Any CSV files (``ClutrrConfig(name, files=(train, *tests))``) can be written the same way, shard by shard and
+resumably, by ``prepare_clutrr_shards`` (`jaxalign prepare-data clutrr`), which counts malformed rows.
 
 Example::
 
@@ -42,11 +44,14 @@ class ClutrrConfig(tfds.core.BuilderConfig):
     Attributes:
       released: the name of a released data set (``data_089907f8``), read from the manual directory; empty for
         generated data.
+      files: CSV files to read instead (``read_file_specs``: 'train.csv', 'data.zip:1.3_test.csv', 'data.zip' or a
+        folder for every ``*_test.csv`` in it), the first one the training file.
       seed, train_ks, test_ks, tasks, rows_per_file, train_rows_per_k: generator settings (generated data only;
         see ``generator.generate_dataset``).
     """
 
     released: str = ""
+    files: tuple[str, ...] = ()
     seed: int = 0
     train_ks: tuple[int, ...] = (2, 3)
     test_ks: tuple[int, ...] = (2, 3, 4, 5, 6)
@@ -132,7 +137,10 @@ class ClutrrDataset(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config: ClutrrConfig = self.builder_config
-        files = self._released_files(dl_manager) if config.released else self._generated_files()
+        if config.files:
+            files = read_file_specs(config.files[0], config.files[1:])
+        else:
+            files = self._released_files(dl_manager) if config.released else self._generated_files()
         return {split_name(name): self._generate_examples(name, rows) for name, rows in files.items()}
 
     def _released_files(self, dl_manager) -> dict[str, list[reader.ClutrrRow]]:
@@ -174,3 +182,96 @@ def build(config: str | ClutrrConfig, data_dir: str | os.PathLike, manual_dir: s
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
     builder.download_and_prepare(download_config=download_config)
     return builder.as_data_source()
+
+
+def _read_spec(spec: str, tests_only: bool, report: reader.ReadReport | None) -> dict[str, list[reader.ClutrrRow]]:
+    options = dict(skip_bad=report is not None, report=report)
+    if ".zip:" in spec:
+        archive, member = spec.split(".zip:", 1)
+        return reader.read_zip(archive + ".zip", members=[member], **options)
+    if spec.endswith(".zip"):
+        if not tests_only:
+            raise ValueError(f"{spec}: name the training file inside the zip, e.g. {spec}:1.2,1.3_train.csv")
+        import zipfile
+
+        with zipfile.ZipFile(spec) as archive:
+            names = [os.path.basename(info.filename) for info in archive.infolist()
+                     if info.filename.endswith("_test.csv")]
+        return reader.read_zip(spec, members=names, **options)
+    if os.path.isdir(spec):
+        if not tests_only:
+            raise ValueError(f"{spec} is a folder: name the training CSV file")
+        return {name: reader.read_csv(os.path.join(spec, name), **options)
+                for name in sorted(os.listdir(spec)) if name.endswith("_test.csv")}
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec}: no such CLUTRR file")
+    return {os.path.basename(spec): reader.read_csv(spec, **options)}
+
+
+def read_file_specs(train: str, tests: Sequence[str], report: reader.ReadReport | None = None
+                    ) -> dict[str, list[reader.ClutrrRow]]:
+    """{file name: rows} of a training file and test files, as the CLUTRR configs name them (`data.train`:
+    'train.csv' or 'data.zip:member.csv'; `data.test`: CSV files, zips or folders, meaning every ``*_test.csv`` in
+    them). With a `report`, malformed rows are skipped and counted in it (else the first one raises).
+
+    Raises:
+      ValueError: two files map to one split name.
+    """
+    files = _read_spec(os.fspath(train), False, report)
+    if len(files) != 1 or split_name(next(iter(files))) != "train":
+        raise ValueError(f"{train}: the training file must be one CSV named <tasks>_train.csv")
+    for spec in tests:
+        for name, rows in _read_spec(os.fspath(spec), True, report).items():
+            clash = [other for other in files if split_name(other) == split_name(name)]
+            if clash:
+                raise ValueError(f"{spec}: {name} and {clash[0]} are both split {split_name(name)!r}")
+            files[name] = rows
+    return files
+
+
+class _ErrorsKept(reader.ReadReport):
+    """A ReadReport that also keeps each skipped row's error (file, row id, field)."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[reader.ClutrrFormatError] = []
+
+    def add_skip(self, error: reader.ClutrrFormatError) -> None:
+        super().add_skip(error)
+        self.errors.append(error)
+
+
+def prepare_clutrr_shards(name: str, train: str, tests: Sequence[str], data_dir: str | os.PathLike, *,
+                          skip_bad: bool = True, **shard_options):
+    """Writes the CSV files `train` and `tests` (see `read_file_specs`) as the data set ``jaxalign_clutrr/<name>``
+    (the records `ClutrrDataset` with ``ClutrrConfig(name, files=...)`` builds, in the same order) shard by shard:
+    split over processes and threads, resumable (`jaxalign.data.sharded_prepare.prepare_shards`, whose options
+    `shard_options` are). Malformed rows are skipped and counted by field as 'malformed_<field>' ids
+    '<file>:<row id>' (`skip_bad=False`: the first one raises). Returns the `PrepareResult`."""
+    import hashlib
+
+    from jaxalign.data import sharded_prepare
+    from jaxalign.data.batching import SkipReport
+
+    tests = tuple(os.fspath(spec) for spec in tests)
+    builder = ClutrrDataset(config=ClutrrConfig(name=name, files=(os.fspath(train),) + tests),
+                            data_dir=os.fspath(data_dir), file_format="array_record")
+    result = sharded_prepare.finished(builder, shard_options.get("process_index", 0))
+    if result is not None:
+        return result
+    bad = _ErrorsKept() if skip_bad else None
+    files = read_file_specs(os.fspath(train), tests, bad)
+    plans, digest = [], hashlib.sha256()
+    for file_name, rows in files.items():
+        skipped = SkipReport(action="kept")
+        for error in (bad.errors if bad else []):
+            if os.path.basename(error.source) == file_name:
+                skipped.total += 1
+                skipped.skipped[f"malformed_{error.field}"].append(f"{file_name}:{error.row_id}")
+        plans.append(sharded_prepare.SplitPlan(
+            split_name(file_name), [f"{file_name}:{position}" for position in range(len(rows))],
+            lambda position, rows=rows: row_features(rows[position]), skipped_before=skipped))
+        digest.update(file_name.encode() + b"\0" + "\0".join(row.id for row in rows).encode())
+    fingerprint = {"files": [os.path.abspath(spec) for spec in (os.fspath(train),) + tests],
+                   "rows_sha256": digest.hexdigest()}
+    return sharded_prepare.prepare_shards(builder, plans, fingerprint=fingerprint, **shard_options)

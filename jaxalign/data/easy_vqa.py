@@ -16,6 +16,8 @@ Two configs:
   are left out of this config and listed in `CaptionReport` (printed at the end of the build); in the
   `questions` config their `caption` is empty.
 
+`prepare_easy_vqa_shards` writes the same data sets shard by shard, resumably (`jaxalign prepare-data easy-vqa`).
+
 Example::
 
     source = load_easy_vqa("questions", "train")      # builds once into default_data_dir(), then reads
@@ -301,3 +303,33 @@ def load_easy_vqa(config: str = "questions", split: str = "train", data_dir: str
     builder = EasyVqa(config=config, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     return tfds.data_source(f"{EasyVqa.name}/{config}", data_dir=data_dir, split=split)
+
+
+def prepare_easy_vqa_shards(config: str = "questions", data_dir: str | None = None, **shard_options: Any):
+    """Writes the data set `load_easy_vqa` builds (both splits; same records, same order) shard by shard: split
+    over processes and threads, resumable (`jaxalign.data.sharded_prepare.prepare_shards`, whose options
+    `shard_options` are). For `captions`, the images the questions leave undetermined are counted in the report
+    as 'undetermined_caption'. Returns the `PrepareResult`."""
+    from jaxalign.data import sharded_prepare
+    from jaxalign.data.batching import SkipReport
+
+    data_dir = data_dir or default_data_dir()
+    builder = EasyVqa(config=config, data_dir=data_dir, file_format="array_record")
+    result = sharded_prepare.finished(builder, shard_options.get("process_index", 0))
+    if result is not None:
+        return result
+    plans = []
+    for split in SPLITS:
+        skipped = None
+        if config == "questions":
+            records = question_records(split)
+        else:
+            records, report = caption_records(split)
+            skipped = SkipReport(total=len(report.undetermined), action="kept")
+            skipped.skipped["undetermined_caption"].extend(sorted(report.undetermined))
+        plans.append(sharded_prepare.SplitPlan(split, [record["id"] for record in records], records.__getitem__,
+                                               skipped_before=skipped))
+    fingerprint = {"package_data": package_data_dir(), "config": config,
+                   "questions": {split: os.path.getsize(os.path.join(package_data_dir(), split, "questions.json"))
+                                 for split in SPLITS}}
+    return sharded_prepare.prepare_shards(builder, plans, fingerprint=fingerprint, **shard_options)

@@ -15,6 +15,9 @@ data as `build_report.json` (`read_build_report`); with `fail_fast=True` the fir
 that every image decodes costs one full decode per image (minutes for 558K images on a few cores); it catches
 truncated JPEGs, which a header check does not.
 
+`prepare_llava_shards` writes the same data set (same records, same order) shard by shard, split over processes
+and threads and resumable after an interruption (`jaxalign prepare-data llava`, `jaxalign.data.sharded_prepare`).
+
 Records keep the raw image file bytes (JPEG stays JPEG); `conversations` is the sample's JSON text and
 `json_index` its position in the JSON list (tfds returns records in its own order).
 
@@ -99,15 +102,7 @@ class LlavaDataset(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"LLaVA config {config.name!r} names no json_file")
         manual_dir = Path(dl_manager.manual_dir)
         json_path = manual_dir / config.json_file
-        if not json_path.exists():
-            raise FileNotFoundError(f"{json_path}: the LLaVA JSON file is missing from the manual directory. "
-                                    + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-        try:
-            samples = json.loads(json_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{json_path}: not valid JSON ({error})") from error
-        if not isinstance(samples, list):
-            raise ValueError(f"{json_path}: expected a JSON list of samples, found {type(samples).__name__}")
+        samples = read_samples(json_path)
         return {"train": self._generate_examples(samples, manual_dir / config.image_root, str(json_path))}
 
     def _generate_examples(self, samples: list, image_root: Path, source: str):
@@ -127,27 +122,51 @@ class LlavaDataset(tfds.core.GeneratorBasedBuilder):
         print(f"LLaVA build of {source}:\n{report}")
 
     def _record(self, position: int, sample: Any, image_root: Path) -> dict[str, Any]:
-        if not isinstance(sample, dict):
-            raise SampleError(f"#{position}", "malformed_sample", f"entry {position} is not a JSON object")
-        sample_id = str(sample.get("id", f"#{position}"))
-        conversation = sample.get("conversations")
-        if (not isinstance(conversation, list) or not conversation
-                or not any(isinstance(turn, dict) and str(turn.get("value", "")).strip() for turn in conversation)):
-            raise SampleError(sample_id, "empty_conversation", "no turn with text")
-        image_bytes, image_path = b"", ""
-        if sample.get("image"):
-            image_path = str(sample["image"])
-            path = image_root / image_path
-            if not path.exists():
-                raise SampleError(sample_id, "missing_image", f"{path} does not exist")
-            image_bytes = path.read_bytes()
-            if self.check_images:
-                try:
-                    decode_image(image_bytes, sample_id)
-                except ImageError as error:
-                    raise SampleError(sample_id, "corrupt_image", f"{path}: {error.detail}") from error
-        return {"id": sample_id, "json_index": position, "image": image_bytes, "image_path": image_path,
-                "has_image": bool(image_path), "conversations": json.dumps(conversation)}
+        return sample_record(position, sample, image_root, check_images=self.check_images)
+
+
+def read_samples(json_path: str | Path) -> list:
+    """The JSON list of samples of a LLaVA-format file (clear errors for a missing file, bad JSON, not a list)."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        raise FileNotFoundError(f"{json_path}: the LLaVA JSON file is missing from the manual directory. "
+                                + LlavaDataset.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    try:
+        samples = json.loads(json_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{json_path}: not valid JSON ({error})") from error
+    if not isinstance(samples, list):
+        raise ValueError(f"{json_path}: expected a JSON list of samples, found {type(samples).__name__}")
+    return samples
+
+
+def sample_record(position: int, sample: Any, image_root: Path, *, check_images: bool = True) -> dict[str, Any]:
+    """The record of the JSON list's entry `position` (image bytes read from `image_root`).
+
+    Raises:
+        SampleError: the sample is left out (malformed, empty conversation, missing or undecodable image).
+    """
+    if not isinstance(sample, dict):
+        raise SampleError(f"#{position}", "malformed_sample", f"entry {position} is not a JSON object")
+    sample_id = str(sample.get("id", f"#{position}"))
+    conversation = sample.get("conversations")
+    if (not isinstance(conversation, list) or not conversation
+            or not any(isinstance(turn, dict) and str(turn.get("value", "")).strip() for turn in conversation)):
+        raise SampleError(sample_id, "empty_conversation", "no turn with text")
+    image_bytes, image_path = b"", ""
+    if sample.get("image"):
+        image_path = str(sample["image"])
+        path = Path(image_root) / image_path
+        if not path.exists():
+            raise SampleError(sample_id, "missing_image", f"{path} does not exist")
+        image_bytes = path.read_bytes()
+        if check_images:
+            try:
+                decode_image(image_bytes, sample_id)
+            except ImageError as error:
+                raise SampleError(sample_id, "corrupt_image", f"{path}: {error.detail}") from error
+    return {"id": sample_id, "json_index": position, "image": image_bytes, "image_path": image_path,
+            "has_image": bool(image_path), "conversations": json.dumps(conversation)}
 
 
 class SampleError(ValueError):
@@ -195,3 +214,70 @@ def read_build_report(dataset_dir: str) -> SkipReport:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no build report; the data set was not built with prepare_llava")
     return SkipReport.from_json(json.loads(path.read_text()))
+
+
+def llava_config(name: str, json_file: str, image_root: str = "") -> str | LlavaConfig:
+    """The builder config of a JSON file and its image folder under the tfds config name `name`.
+
+    tfds refuses a new config under a registered name ('pretrain', 'mix665k'): those names give the registered
+    config, which must then describe the same JSON file and image folder (ValueError otherwise).
+    """
+    registered = {known.name: known for known in LlavaDataset.BUILDER_CONFIGS}
+    if name not in registered:
+        return LlavaConfig(name=name, json_file=json_file, image_root=image_root)
+    known = registered[name]
+    if (known.json_file, known.image_root) != (json_file, image_root):
+        raise ValueError(f"the data set name {name!r} is the registered LLaVA config for {known.json_file} with "
+                         f"images under {known.image_root!r}/, but {json_file} with images under {image_root!r}/ "
+                         "was given; give it another name")
+    return name
+
+
+def prepare_llava_shards(
+    config: str | LlavaConfig,
+    manual_dir: str,
+    data_dir: str,
+    *,
+    fail_fast: bool = False,
+    check_images: bool = True,
+    **shard_options: Any,
+):
+    """Writes the data set `prepare_llava` builds (same records, same order) shard by shard: split over processes
+    and threads, resumable (`jaxalign.data.sharded_prepare.prepare_shards`, whose options `shard_options` are).
+
+    Returns the `PrepareResult`; the data set's folder also gets `build_report.json`, so `prepare_llava` and
+    training read the same report afterwards. The JSON file's SHA-256 is part of the plan: a rerun after the file
+    changed starts over (changed image files are not noticed).
+    """
+    import hashlib
+
+    from jaxalign.data import sharded_prepare
+
+    builder = LlavaDataset(config=config, data_dir=data_dir, file_format="array_record", fail_fast=fail_fast,
+                           check_images=check_images)
+    chosen: LlavaConfig = builder.builder_config
+    json_path = Path(manual_dir) / chosen.json_file
+    result = sharded_prepare.finished(builder, shard_options.get("process_index", 0))
+    if result is not None:  # prepared, or built by tfds (whose report is build_report.json)
+        if not result.reports and (Path(builder.data_dir) / BUILD_REPORT_FILE).exists():
+            result.reports = {"train": read_build_report(builder.data_dir)}
+        return result
+    samples = read_samples(json_path)
+    image_root = Path(manual_dir) / chosen.image_root
+
+    def make_example(position: int) -> dict[str, Any]:
+        return sample_record(position, samples[position], image_root, check_images=check_images)
+
+    def finish(folder: Path, reports: dict) -> None:
+        (folder / BUILD_REPORT_FILE).write_text(json.dumps(reports["train"].to_json(), indent=1))
+
+    fingerprint = {"json_file": chosen.json_file, "json_sha256": hashlib.sha256(json_path.read_bytes()).hexdigest(),
+                   "image_root": chosen.image_root, "check_images": check_images}
+    try:
+        return sharded_prepare.prepare_shards(
+            builder, [sharded_prepare.SplitPlan("train", list(range(len(samples))), make_example)],
+            fingerprint=fingerprint, skip_errors=(SampleError,), fail_fast=fail_fast, finish=finish,
+            **shard_options)
+    except SampleError as error:  # only with fail_fast
+        raise ValueError(f"{json_path}: {error} (fail_fast is on; turn it off to skip and report such "
+                         "samples)") from error

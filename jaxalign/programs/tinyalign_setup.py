@@ -62,16 +62,12 @@ def _llava_source(data: ConfigDict, json_file: str, name: str, image_root: str):
 
     # tfds refuses a new config under a registered name ('pretrain', 'mix665k'): those names take the
     # registered config, which must then describe the same JSON file and image folder.
-    registered = {known.name: known for known in llava.LlavaDataset.BUILDER_CONFIGS}
-    config: Any = llava.LlavaConfig(name=name, json_file=json_file, image_root=image_root)
-    if name in registered:
-        known = registered[name]
-        if (known.json_file, known.image_root) != (json_file, image_root):
-            raise ValueError(f"config.data: the data set name {name!r} is the registered LLaVA config for "
-                             f"{known.json_file} with images under {known.image_root!r}/, but this run gives "
-                             f"{json_file} with images under {image_root!r}/; give it another name "
-                             "(config.data.train_name / eval_name / memory_name)")
-        config = name
+    try:
+        config: Any = llava.llava_config(name, json_file, image_root)
+    except ValueError as error:
+        raise ValueError(f"config.data: {error} (config.data.train_name / eval_name / memory_name)") from None
+    # A data set written by `jaxalign prepare-data` (or an earlier run) is only read here: tfds reuses a finished
+    # data set folder and prepare_llava returns its saved report.
     builder, report = llava.prepare_llava(config, manual_dir=data.manual_dir, data_dir=data.data_dir,
                                           fail_fast=data.fail_fast)
     source = tfds.data_source(f"{llava.LlavaDataset.name}/{name}", data_dir=data.data_dir, split="train")
@@ -84,7 +80,9 @@ def data_sources(config: ConfigDict) -> dict[str, Any]:
 
     The tfds builds run here on first use; tfds announces them on stdout, which is moved to stderr so that the
     commands' stdout stays one JSON summary. With several processes, process 0 opens (and if need be builds)
-    them first and the others wait for it, so that no two processes build one data set into one folder."""
+    them first and the others wait for it, so that no two processes build one data set into one folder.
+    `jaxalign prepare-data --config <the run's config>` writes the same data sets beforehand (split over
+    processes, resumable); a run then only reads them."""
     with contextlib.redirect_stdout(sys.stderr):
         if jax.process_count() == 1:
             return _open_sources(config.data)
