@@ -28,8 +28,8 @@ benchmarks and their question files:
   pope       --questions coco_pope_<split>.json (JSON lines with label; several files if their ids differ)
   mme        --questions MME_Benchmark_release_version/ (or eval_tool task files <task>.txt, or llava_mme.jsonl
              with --annotations MME_Benchmark_release_version/)
-  mmmu       --questions MMMU validation records (id, question_type, options, answer)
-             [--annotations answer_dict_val.json]
+  mmmu       --questions MMMU validation records (id, question_type, options, answer), or TinyLLaVA's
+             anns_for_eval.json [--annotations answer_dict_val.json]
 
 Exit codes: 0 scored; 2 bad input (a missing file, a line that is not JSON, a question id that the questions do
 not have), with one error line naming the file and line."""

@@ -12,6 +12,11 @@ One module a job:
   mme          MME perception and cognition scores (accuracy + accuracy+ per task)
   mmmu         MMMU multiple-choice and open answers
   scoring      score_files(benchmark, ...): the one entry point, used by `jaxalign score`
+  eval_folder  LLaVA's evaluation folder as data (LAYOUTS: question file, images, prompt suffix, scorer files of
+               each benchmark) and its questions as the model is asked them
+  answer_files the answers file (LLaVA's format), each benchmark's own result files (VQAv2 submission, GQA
+               predictions, MM-Vet results, MMMU output, POPE per split) and their scoring; used by
+               `jaxalign eval-suite`
 
 Each benchmark module's docstring names the published evaluation script whose rules it follows.
 """

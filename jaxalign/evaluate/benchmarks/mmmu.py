@@ -21,7 +21,8 @@ DOMAIN_CAT2SUB_CAT), `mmmu/main_eval_only.py` (per-subject and per-domain instan
 
 Questions file: MMMU validation records (JSON array or JSON lines, e.g. exported from the MMMU/MMMU dataset) with
 id, question_type ("multiple-choice", or "open" / "short-answer"), options (a list, or its Python repr as the
-dataset stores it) and answer (a letter, an open answer, or a list / its repr). `mmmu/answer_dict_val.json`
+dataset stores it; or TinyLLaVA's `anns_for_eval.json` fields all_choices + index2ans) and answer (a letter, an
+open answer, or a list / its repr). `mmmu/answer_dict_val.json`
 ({id: {question_type, ground_truth}}) may be given as annotations; its ground_truth then replaces the answers.
 
 Public API:
@@ -225,6 +226,9 @@ def read_mmmu_questions(path: files.PathLike, answers_path: files.PathLike | Non
             answer = _literal_list(files.require_field(record, "answer", path, where, "an MMMU question"), path, where,
                                    "answer")
         options = _literal_list(record.get("options") or [], path, where, "options")
+        if not options and isinstance(record.get("index2ans"), dict):  # TinyLLaVA's anns_for_eval.json
+            letters = record.get("all_choices") or sorted(record["index2ans"])
+            options = [record["index2ans"].get(letter, "") for letter in letters]
         if kind == "multiple-choice" and not (isinstance(options, list) and options):
             raise files.BenchmarkInputError(f"{path}: {where}: a multiple-choice question without options")
         answer = tuple(map(str, answer)) if isinstance(answer, list) else str(answer)
