@@ -26,3 +26,20 @@ def eight_devices():
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}: set XLA_FLAGS before importing jax"
     return devices
+
+
+TRAINED_RUN_CONFIG = "jaxalign/configs/tinyalign_tiny.py:stage=2,steps=20,fraction=0.01"
+TRAINED_RUN_OPTIONS = ("--config.progress=False", "--config.train.learning_rate=0.01", "--config.eval.batch_size=8",
+                       "--config.eval.max_batches=1", "--config.eval.at_end=False")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, eight_devices):
+    """The workdir of a tiny stage-2 easy-vqa run with retrieval, trained as users train one (`jaxalign train`),
+    for the commands that load a trained run (predict, eval-suite). 20 steps at a high learning rate: with fewer
+    the first generated token is the end of the turn and every answer is empty."""
+    from jaxalign import cli
+
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main(["train", "--config", TRAINED_RUN_CONFIG, "--workdir", str(workdir), *TRAINED_RUN_OPTIONS]) == 0
+    return workdir

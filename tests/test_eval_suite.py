@@ -18,9 +18,6 @@ import pytest
 from jaxalign import cli
 from jaxalign.evaluate.benchmarks import answer_files, eval_folder, files
 
-CONFIG = "jaxalign/configs/tinyalign_tiny.py:stage=2,steps=20,fraction=0.01"
-TRAIN_OPTIONS = ("--config.progress=False", "--config.train.learning_rate=0.01", "--config.eval.batch_size=8",
-                 "--config.eval.max_batches=1", "--config.eval.at_end=False")
 SHORT = eval_folder.SHORT_ANSWER
 POPE = [  # (llava question id, coco question id, image, easy-vqa record whose question and image it asks, label)
     (101, 1, "COCO_val2014_000000000001.png", 0, "yes"),
@@ -93,11 +90,9 @@ def _write_eval_folder(root):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, eight_devices):
-    """The workdir of a tiny stage-2 run, trained as users train one: `jaxalign train`."""
-    workdir = tmp_path_factory.mktemp("suite") / "run"
-    assert cli.main(["train", "--config", CONFIG, "--workdir", str(workdir), *TRAIN_OPTIONS]) == 0
-    return workdir
+def trained(trained_run):
+    """A tiny stage-2 run trained through `jaxalign train` (conftest.trained_run)."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,11 @@ from PIL import Image
 
 from jaxalign import cli
 
-# 20 steps at a high learning rate: the model then answers with a word (after 2 steps it ends its turn at once, an
-# empty answer that any path would match). The steps cost little next to compiling them.
-CONFIG = "jaxalign/configs/tinyalign_tiny.py:stage=2,steps=20,fraction=0.01"
-TRAIN_OPTIONS = ("--config.progress=False", "--config.train.learning_rate=0.01", "--config.eval.batch_size=8",
-                 "--config.eval.max_batches=1", "--config.eval.at_end=False")
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, eight_devices):
-    """The workdir of a tiny stage-2 run, trained as users train one: `jaxalign train`."""
-    workdir = tmp_path_factory.mktemp("predict") / "run"
-    assert cli.main(["train", "--config", CONFIG, "--workdir", str(workdir), *TRAIN_OPTIONS]) == 0
-    return workdir
+def trained(trained_run):
+    """A tiny stage-2 run trained through `jaxalign train` (conftest.trained_run)."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")
