@@ -413,8 +413,8 @@ def _claims(comparisons: list[dict], settings: DemoSettings) -> list[str]:
             oracle_row["exceeds_2se"] and oracle_row["mean"] > 0):
         claims.append("Since even the oracle, whose values hold each image's own caption, does not answer better, "
                       f"the LM is not reading the retrieved tokens after {settings.stage2_steps} stage-2 steps: no "
-                      "memory can help it until it does (in our runs it learns to between 400 and 600 steps, not "
-                      "at every seed; bench/tinyalign_study.py --stage2-steps 600, bench/RESULTS.md)")
+                      "memory can help it until it does (in our runs it learns to after about 600 steps at batch "
+                      "32, and not reliably before: `jaxalign demo --stage2-steps 600`, bench/RESULTS.md)")
     if uses := _uses_image(comparisons, settings):
         claims.append(uses)
     if low != full:
