@@ -406,6 +406,13 @@ def read_zip(path: str | os.PathLike, *, members: Iterable[str] | None = None, s
     return result
 
 
+def file_order(name: str) -> tuple:
+    """Sort key of CLUTRR file names by task, then k: '1.2_test.csv' < '1.10_test.csv' < '2.3_test.csv'."""
+    head = name.split("_")[0].split(",")[0]
+    task, _, k = head.partition(".")
+    return (int(task) if task.isdigit() else 0, int(k) if k.isdigit() else 0, name)
+
+
 def row_to_record(row: ClutrrRow) -> dict[str, str]:
     """The CSV cells of a row, written the way the released files write them (noise labels, if any, follow the
     path labels in ``edge_types``, as the reference generator writes them)."""

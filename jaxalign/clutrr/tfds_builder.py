@@ -8,6 +8,10 @@ Splits are named after the CSV files: ``1.2,1.3_train.csv`` -> ``train``, ``1.3_
 Any CSV files (``ClutrrConfig(name, files=(train, *tests))``) can be written the same way, shard by shard and
 resumably, by ``prepare_clutrr_shards`` (`jaxalign prepare-data clutrr`), which counts malformed rows.
 
+A record holds every field of its ``reader.ClutrrRow`` plus the CSV file it came from and its position among that
+file's rows (``row_features``); ``row_from_features`` gives the identical row back. The CLUTRR trainers read a
+prepared data set this way (``jaxalign.clutrr.prepared``, `--config.data.prepared_dir`) instead of the CSVs.
+
 Example::
 
     builder = ClutrrDataset(config="data_089907f8", data_dir="/tmp/tfds", file_format="array_record")
@@ -17,6 +21,7 @@ Example::
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import tempfile
@@ -70,9 +75,14 @@ def split_name(file_name: str) -> str:
     raise ValueError(f"{file_name}: not a CLUTRR file name (<task>.<k>_test.csv or <tasks>_train.csv)")
 
 
-def row_features(row: reader.ClutrrRow) -> dict:
-    """The example dict of one row (see ``ClutrrDataset.FEATURES``)."""
+def row_features(row: reader.ClutrrRow, file_name: str = "", position: int = 0) -> dict:
+    """The example dict of one row (the features of ``ClutrrDataset``): every field of the row, and the CSV file
+    it came from with its position among that file's rows (`file_name`, `position`), so that a reader can name
+    file and row and put the rows back in file order. ``row_from_features`` is the inverse."""
     return {
+        "file": file_name,
+        "position": position,
+        "index": row.index,
         "id": row.id,
         "story": row.story,
         "clean_story": row.clean_story,
@@ -89,16 +99,50 @@ def row_features(row: reader.ClutrrRow) -> dict:
         "node_genders": np.asarray([relations.GENDERS.index(g) for _, g in row.genders], np.int32),
         "f_comb": row.f_comb,
         "proof_state": repr(list(row.proof_state)),
-        "text_target": " ".join(row.text_target),
+        "text_target": list(row.text_target),
+        "text_query": row.text_query,
+        "syn_story": row.syn_story,
+        "node_mapping": repr(dict(row.node_mapping)),
+        "task_split": row.task_split,
+        "noise_edge_types": np.asarray([relations.LABELS.index(label) for label in row.noise_edge_types], np.int32),
     }
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def row_from_features(example: dict) -> tuple[str, int, reader.ClutrrRow]:
+    """(file name, position in the file, row) of a decoded record (``tfds.data_source(...)[i]``): the inverse of
+    ``row_features``; the row equals the one the CSV reader gave, field by field."""
+    names = [_text(name) for name in example["names"]]
+    genders = tuple((name, relations.GENDERS[int(gender)]) for name, gender in zip(names, example["node_genders"]))
+    row = reader.ClutrrRow(
+        index=int(example["index"]), id=_text(example["id"]), story=_text(example["story"]),
+        query=tuple(_text(name) for name in example["query"]), text_query=_text(example["text_query"]),
+        target=relations.LABELS[int(example["target"])],
+        text_target=tuple(_text(sentence) for sentence in example["text_target"]),
+        clean_story=_text(example["clean_story"]),
+        proof_state=tuple(ast.literal_eval(_text(example["proof_state"]))), f_comb=_text(example["f_comb"]),
+        task_name=_text(example["task_name"]),
+        story_edges=tuple((int(head), int(tail)) for head, tail in np.asarray(example["story_edges"]).reshape(-1, 2)),
+        edge_types=tuple(relations.LABELS[int(label)] for label in example["edge_types"]),
+        query_edge=tuple(int(node) for node in example["query_edge"]), genders=genders,
+        syn_story=_text(example["syn_story"]), node_mapping=ast.literal_eval(_text(example["node_mapping"])),
+        task_split=_text(example["task_split"]),
+        noise_edge_types=tuple(relations.LABELS[int(label)] for label in example["noise_edge_types"]))
+    return _text(example["file"]), int(example["position"]), row
 
 
 class ClutrrDataset(tfds.core.GeneratorBasedBuilder):
     """CLUTRR stories with their symbolic graphs (one config per released data set, plus generated data)."""
 
     name = "jaxalign_clutrr"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.",
+                     "1.1.0": "Every field of the CSV row (text_target as sentences, text_query, syn_story, "
+                              "node_mapping, task_split, noise_edge_types, the row index) and its file and "
+                              "position, so that training reads rows from the data set."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the released CLUTRR zips (data_089907f8.zip, ...) or their unpacked folders in the manual "
         "directory, for example download_config=tfds.download.DownloadConfig(manual_dir='../shared/data/clutrr').")
@@ -111,6 +155,9 @@ class ClutrrDataset(tfds.core.GeneratorBasedBuilder):
             description="CLUTRR kinship reasoning (Sinha et al., EMNLP 2019): story, query and answer, with the "
                         "story's graph (node-index edges, path edge labels, genders).",
             features=tfds.features.FeaturesDict({
+                "file": tfds.features.Text(),
+                "position": np.int64,
+                "index": np.int64,
                 "id": tfds.features.Text(),
                 "story": tfds.features.Text(),
                 "clean_story": tfds.features.Text(),
@@ -127,7 +174,12 @@ class ClutrrDataset(tfds.core.GeneratorBasedBuilder):
                 "node_genders": tfds.features.Tensor(shape=(None,), dtype=np.int32),
                 "f_comb": tfds.features.Text(),
                 "proof_state": tfds.features.Text(),
-                "text_target": tfds.features.Text(),
+                "text_target": tfds.features.Sequence(tfds.features.Text()),
+                "text_query": tfds.features.Text(),
+                "syn_story": tfds.features.Text(),
+                "node_mapping": tfds.features.Text(),
+                "task_split": tfds.features.Text(),
+                "noise_edge_types": tfds.features.Tensor(shape=(None,), dtype=np.int32),
             }),
             homepage="https://github.com/facebookresearch/clutrr",
             citation="Sinha, Sodhani, Dong, Pineau, Hamilton. CLUTRR: A Diagnostic Benchmark for Inductive "
@@ -167,7 +219,7 @@ class ClutrrDataset(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, file_name: str, rows: Sequence[reader.ClutrrRow]) -> Iterator[tuple[str, dict]]:
         # The unnamed index column restarts within concatenated training files, so key by position.
         for position, row in enumerate(rows):
-            yield f"{file_name}:{position}", row_features(row)
+            yield f"{file_name}:{position}", row_features(row, file_name, position)
 
 
 def build(config: str | ClutrrConfig, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None):
@@ -270,7 +322,8 @@ def prepare_clutrr_shards(name: str, train: str, tests: Sequence[str], data_dir:
                 skipped.skipped[f"malformed_{error.field}"].append(f"{file_name}:{error.row_id}")
         plans.append(sharded_prepare.SplitPlan(
             split_name(file_name), [f"{file_name}:{position}" for position in range(len(rows))],
-            lambda position, rows=rows: row_features(rows[position]), skipped_before=skipped))
+            lambda position, rows=rows, file_name=file_name: row_features(rows[position], file_name, position),
+            skipped_before=skipped))
         digest.update(file_name.encode() + b"\0" + "\0".join(row.id for row in rows).encode())
     fingerprint = {"files": [os.path.abspath(spec) for spec in (os.fspath(train),) + tests],
                    "rows_sha256": digest.hexdigest()}

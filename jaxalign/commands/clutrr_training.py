@@ -5,7 +5,9 @@
         --workdir runs/student --config.distill.teacher_workdir=runs/teacher
     jaxalign clutrr eval --checkpoint runs/student --csv 1.4_test.csv
 
-Training commands resume from the latest checkpoint in --workdir, write config.json, metrics.jsonl,
+Training commands read the config's CSV files (`data.train`, `data.test`), or with
+`--config.data.prepared_dir=DIR` the data set `jaxalign prepare-data clutrr` wrote there (it prints that override):
+the same rows, no CSV parsed. They resume from the latest checkpoint in --workdir, write config.json, metrics.jsonl,
 checkpoints, the final model (model/: the best validation evaluation's when the config holds out validation rows,
 see `jaxalign.programs.clutrr_trainer`) and eval.json, and print a JSON summary (with the run's process_count and
 device_count; under a launcher every process prints the same summary and process 0 writes the files). `eval`

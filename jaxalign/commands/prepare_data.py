@@ -34,7 +34,10 @@ examples:
   jaxalign prepare-data --config jaxalign/configs/tinyalign_tiny.py:stage=2,data=llava \\
       --config.data.manual_dir=data --config.data.data_dir=data/tfds
   jaxalign train --config jaxalign/configs/tinyalign_tiny.py:stage=2,data=llava --workdir runs/s2 \\
-      --config.data.manual_dir=data --config.data.data_dir=data/tfds"""
+      --config.data.manual_dir=data --config.data.data_dir=data/tfds
+  jaxalign prepare-data clutrr --train clutrr/1.2,1.3_train.csv --test clutrr --data-dir data/tfds
+  jaxalign clutrr train-teacher --config jaxalign/configs/clutrr_teacher.py --workdir runs/teacher \\
+      --config.data.prepared_dir=data/tfds/jaxalign_clutrr/files/1.1.0"""
 
 
 def prepare_command(args: argparse.Namespace) -> int:

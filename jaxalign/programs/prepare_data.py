@@ -25,9 +25,10 @@ Training afterwards only reads: tfds reuses a finished data set folder (`downloa
 `jaxalign train` with the same `config.data` (data_dir, manual_dir, names) never rebuilds. Without prepared data a
 training run still builds what it needs as before: process 0 builds with tfds while the others wait.
 
-The CLUTRR trainers read their CSV files directly (`config.data.train` / `.test`, parsed on every process in
-seconds); `prepare-data clutrr` writes the same files as a `jaxalign_clutrr/<name>` tfds data set for readers of
-tfds (`tfds.data_source`), with the malformed rows counted.
+`prepare-data clutrr` writes CLUTRR CSV files as a `jaxalign_clutrr/<name>` tfds data set (every field of every
+row, with its file and position; malformed rows counted), and prints `--config.data.prepared_dir=<its folder>`:
+the CLUTRR trainers then read their rows from it (`jaxalign.clutrr.prepared`, lazily: each process reads the rows
+it needs) instead of parsing `config.data.train` / `.test` on every process, with the same rows in the same order.
 
 Public API:
   prepare_llava(json_file, data_dir, images=None, name=None, ...) -> Prepared
@@ -174,12 +175,15 @@ def prepare_easy_vqa(data_dir: str | None = None, configs: Sequence[str] = ("que
 def prepare_clutrr(train: str, tests: Sequence[str], data_dir: str, name: str = DEFAULT_CLUTRR_NAME, *,
                    skip_bad: bool = True, **options: Any) -> Prepared:
     """Prepares CLUTRR CSV files (`train`: 'file.csv' or 'data.zip:member.csv'; `tests`: CSV files, zips or
-    folders: every *_test.csv in them) as `jaxalign_clutrr/<name>`, splits 'train' and 'test_<task>_<k>'."""
+    folders: every *_test.csv in them) as `jaxalign_clutrr/<name>`, splits 'train' and 'test_<task>_<k>';
+    `train_with` is the override that makes `jaxalign clutrr train-teacher` / `distill` read it
+    (`--config.data.prepared_dir=<the data set's folder>`)."""
     from jaxalign.clutrr import tfds_builder
 
     result = tfds_builder.prepare_clutrr_shards(name, train, tests, data_dir, skip_bad=skip_bad,
                                                 **(options or shard_options()))
-    return Prepared(f"{tfds_builder.ClutrrDataset.name}/{name}", data_dir, result)
+    return Prepared(f"{tfds_builder.ClutrrDataset.name}/{name}", data_dir, result,
+                    [f"--config.data.prepared_dir={result.dataset_dir}"])
 
 
 # ======================================================================================== from a config
