@@ -14,7 +14,23 @@ report (markdown table with mean ± std over seeds per test file, the published 
 a plot of accuracy against k) goes to bench/RESULTS.md (between this benchmark's markers) and
 bench/clutrr_accuracy_vs_k.png. Model sizes and steps are chosen for a shared 2-core CPU; see RESULTS.md. The
 report's settings (steps, batch, model shapes, loss weights) are read from the configs each job ran, which its
-summary records.
+summary records. For the systematic-generalisation set (and the robustness sets at k = 3) the report also pairs
+each distilled arm with the student alone seed by seed: the mean ± SE of the paired difference
+(`jaxalign.evaluate.seed_stats`), which removes the variance the arms share through the seed.
+
+Distillation measured to the end (loss weights chosen elsewhere, e.g. by bench/clutrr_kd_grid.py; every model
+selected on held-out rows and stopped early):
+
+    .venv/bin/python bench/clutrr_distill.py --seeds 0,1,2,3,4 --datasets data_089907f8 --early-stopping \\
+        --student-steps 4000 --kd-alpha A --kd-tau T --beta B --out runs/clutrr_es
+
+--kd-alpha / --kd-tau (KD weight and temperature) apply to both distilled arms and --beta (contrastive weight) to
+the KD + contrastive arm; the student alone keeps alpha = beta = 0. Their defaults (1, 2, 0.5) are the configs'
+own values, so jobs of an older --out folder agree with the recorded settings. --early-stopping holds out 10% of
+the training rows (data.valid_seed 0: the same rows for the teacher and the students and every seed), keeps each
+run's best validation model (the teacher's too, scored at its config's interval) and stops a student after
+--patience evaluations every --eval-every steps without a gain; --student-steps is then the upper limit. The
+report then gives the students' mean best and stopped-at steps per data set.
 """
 from __future__ import annotations
 
@@ -49,13 +65,50 @@ PUBLISHED_ROBUSTNESS = {  # CLUTRR paper, Table 2: (BiLSTM-Att, BERT-LSTM, GAT)
     ("disconnected", "disconnected"): (0.57, 0.47, 0.96),
 }
 START, END = "<!-- clutrr_distill:start -->", "<!-- clutrr_distill:end -->"
+PAIRED_TITLE = ("Paired by seed (distilled arm - student alone, mean ± SE of the paired difference over seeds; "
+                "* beyond twice the SE)")
 
 
 # ------------------------------------------------------------------------------------------------- one job
 
 
-def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps: int) -> dict:
-    """Teacher + three students on one data set and seed; returns and writes the job summary."""
+def validation_overrides(early_stopping: bool) -> list[str]:
+    """Config overrides of every run (teacher and students) for early stopping: 10% of the training rows held out.
+
+    data.valid_seed is fixed (not the run's seed) so the teacher, its students and every seed hold out the same rows.
+    """
+    return ["data.valid_fraction=0.1", "data.valid_seed=0"] if early_stopping else []
+
+
+def student_overrides(variant: str, kd_alpha: float = 1.0, kd_tau: float = 2.0, beta: float = 0.5,
+                      early_stopping: bool = False, eval_every: int = 250, patience: int = 4) -> list[str]:
+    """Config overrides of one student variant beyond `jaxalign/configs/clutrr_distill.py:variant=<variant>`.
+
+    The loss weights apply to the distilled variants only (the student alone keeps alpha = beta = 0); the defaults
+    are the config's own values, so they give today's configs. With early stopping the student also evaluates on
+    the held-out rows every `eval_every` steps and stops after `patience` evaluations without a gain.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {list(VARIANTS)}")
+    overrides = []
+    if variant != "alone":
+        overrides += [f"distill.alpha={float(kd_alpha)}", f"distill.tau={float(kd_tau)}"]
+    if variant == "kd_contrastive":
+        overrides.append(f"distill.beta={float(beta)}")
+    if early_stopping:
+        overrides += [*validation_overrides(True), f"train.eval_every={int(eval_every)}",
+                      f"train.patience={int(patience)}"]
+    return overrides
+
+
+def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps: int, kd_alpha: float = 1.0,
+            kd_tau: float = 2.0, beta: float = 0.5, early_stopping: bool = False, eval_every: int = 250,
+            patience: int = 4) -> dict:
+    """Teacher + three students on one data set and seed; returns and writes the job summary.
+
+    The loss weights and early-stopping settings are those of `student_overrides` (and `validation_overrides` for
+    the teacher); with early stopping `student_steps` is the students' upper limit.
+    """
     import logging
     logging.basicConfig(level=logging.WARNING)
     from jaxalign.clutrr import solver
@@ -69,7 +122,7 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
     if dataset != GENERALISATION:
         base.append("data.eval_max_length=160")   # k = 3 test stories stay well below 160 tokens
     teacher_config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_teacher.py:{data}"),
-                                 base + [f"steps={teacher_steps}"])
+                                 base + [f"steps={teacher_steps}", *validation_overrides(early_stopping)])
     rows = trainer.read_rows(teacher_config.data.train)
     summary: dict = {"dataset": dataset, "seed": seed, "train_rows": len(rows), "teacher_steps": teacher_steps,
                      "student_steps": student_steps, "models": {}, "configs": {"teacher": teacher_config.to_dict()}}
@@ -89,7 +142,9 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
     for variant in VARIANTS:
         config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant},{data}"),
                              base + [f"steps={student_steps}",
-                                     f"distill.teacher_workdir={os.path.join(job_dir, 'teacher')}"])
+                                     f"distill.teacher_workdir={os.path.join(job_dir, 'teacher')}",
+                                     *student_overrides(variant, kd_alpha, kd_tau, beta, early_stopping, eval_every,
+                                                        patience)])
         summary["configs"][variant] = config.to_dict()
         student = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
         summary["models"][variant] = _model_summary(student)
@@ -104,10 +159,13 @@ def _zip(dataset: str) -> str:
 
 
 def _model_summary(result: dict) -> dict:
+    """What the report needs of one trained model; best_step, best_valid_accuracy, stopped_at are None without
+    validation rows (stopped_at also when the run reached its step limit)."""
     return {"accuracy": result["test_accuracy"], "train_seconds": result["train_seconds"],
             "final_metrics": result["final_metrics"],
             "truncated": {name: report["truncated"] for name, report in result["test"].items()},
-            "train_stories_truncated": result.get("train_stories_truncated", 0)}
+            "train_stories_truncated": result.get("train_stories_truncated", 0),
+            **{key: result.get(key) for key in ("best_step", "best_valid_accuracy", "stopped_at")}}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -207,6 +265,15 @@ def run_settings(configs: dict[str, dict]) -> dict[str, str]:
     settings["train tokens"] = _joined(s["data"]["train_max_length"] for s in students)
     for variant, student in zip(VARIANTS, students):
         settings[f"loss of {MODEL_NAMES[variant]}"] = _loss_text(student["distill"])
+    # Configs recorded before validation existed have no valid_fraction / eval_every / patience: no early stopping.
+    fractions = [config["data"].get("valid_fraction", 0.0) for config in (teacher, *students)]
+    if any(fractions):
+        settings["early stopping"] = (
+            f"{_joined(f'{100 * f:g}%' for f in fractions)} validation, every "
+            f"{_joined(s['train'].get('eval_every') for s in students)} steps, patience "
+            f"{_joined(s['train'].get('patience') for s in students)} (teacher: best of every "
+            f"{_number(teacher['train'].get('eval_every'))} steps, patience "
+            f"{_number(teacher['train'].get('patience'))})")
     return settings
 
 
@@ -240,6 +307,45 @@ def _cell(summaries, model, file) -> str:
 def _file_k(name: str) -> tuple[int, int]:
     task, k = name.split("_")[0].split(".")
     return int(task), int(k)
+
+
+def _paired_cell(group: list[dict], variant: str, value) -> str:
+    """'+0.050 ± 0.012*': `variant` - the student alone of value(model summary), paired by seed (one job is one
+    seed, so a job's models pair), by `seed_stats.paired_difference`; '+0.050 ± -' with one seed (no SE, no star),
+    '-' with no pair. Pairing removes what the arms share through the seed (data order, initial weights, teacher)."""
+    from jaxalign.evaluate import seed_stats
+    result = seed_stats.paired_difference([value(s["models"][variant]) for s in group],
+                                          [value(s["models"]["alone"]) for s in group])
+    if not result["n"]:
+        return "-"
+    if result["se"] is None:
+        return f"{result['mean']:+.3f} ± -"
+    return f"{result['mean']:+.3f} ± {result['se']:.3f}" + ("*" if result["exceeds_2se"] else "")
+
+
+def _file_accuracy(file: str):
+    return lambda model: model["accuracy"].get(file)
+
+
+def _mean_accuracy(files: list[str]):
+    """A model's mean accuracy over `files` (None when it lacks one, so that seed drops out of the pairing)."""
+    return lambda model: (float(np.mean([model["accuracy"][f] for f in files]))
+                          if all(f in model["accuracy"] for f in files) else None)
+
+
+def _early_stopping_text(group: list[dict]) -> str | None:
+    """'BiLSTM alone 1250 / 2250; ...': per student variant, the mean over seeds of the best validation step and
+    of the step the run stopped at (its step limit when patience never ran out); None when no job of `group`
+    recorded a best step (jobs without validation, or from before it was recorded)."""
+    parts = []
+    for variant in VARIANTS:
+        runs = [(s["models"][variant], s.get("student_steps")) for s in group
+                if s["models"][variant].get("best_step") is not None]
+        stopped = [m["stopped_at"] if m.get("stopped_at") is not None else limit for m, limit in runs]
+        if runs and None not in stopped:
+            parts.append(f"{MODEL_NAMES[variant]} {np.mean([m['best_step'] for m, _ in runs]):.0f} / "
+                         f"{np.mean(stopped):.0f}")
+    return "; ".join(parts) or None
 
 
 def path_only_ceiling(rows) -> float:
@@ -314,6 +420,13 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
             lines += ["The ceiling row: rows whose relation path the rules label ambiguously (father vs "
                       "father-in-law ...) can only be right for the most common label of their path, since a model "
                       "gives one answer per path (`path_only_ceiling`).", ""]
+        lines += [f"{PAIRED_TITLE}:", "", "| model | " + " | ".join(f"k={k}" for k in ks) + " | mean over k |",
+                  "|---|" + "---|" * (len(ks) + 1)]
+        for variant in VARIANTS[1:]:
+            lines.append(f"| {MODEL_NAMES[variant]} | "
+                         + " | ".join(_paired_cell(group, variant, _file_accuracy(f)) for f in files)
+                         + f" | {_paired_cell(group, variant, _mean_accuracy(files))} |")
+        lines.append("")
 
     robust = [d for d in ROBUSTNESS if d in summaries]
     if robust:
@@ -340,6 +453,24 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
             for d in robust for f in sorted(summaries[d][0]["models"]["teacher"]["accuracy"], key=_file_k)
             if _file_k(f)[1] == 2) + ".")
         lines.append("")
+        noises = list(NOISE_NAMES.values())
+        lines += [f"{PAIRED_TITLE}, test k = 3:", "", "| train: model | " + " | ".join(noises) + " |",
+                  "|---|" + "---|" * len(noises)]
+        for dataset in robust:
+            group = summaries[dataset]
+            by_noise = {NOISE_NAMES[_file_k(f)[0]]: f for f in group[0]["models"]["teacher"]["accuracy"]
+                        if _file_k(f)[1] == 3}
+            for variant in VARIANTS[1:]:
+                lines.append(f"| {ROBUSTNESS[dataset]} ({dataset}, {len(group)} seeds): {MODEL_NAMES[variant]} | "
+                             + " | ".join(_paired_cell(group, variant, _file_accuracy(by_noise[noise]))
+                                          if noise in by_noise else "-" for noise in noises) + " |")
+        lines.append("")
+
+    for dataset, group in summaries.items():
+        text = _early_stopping_text(group)
+        if text:
+            lines += [f"Early stopping on {dataset} (students; mean over {len(group)} seeds of the best validation "
+                      f"step / the step the run stopped at, its limit when patience never ran out): {text}.", ""]
 
     truncated = {d: sum(sum(s["models"][m]["truncated"].values()) for s in g for m in VARIANTS)
                  for d, g in summaries.items()}
@@ -402,12 +533,29 @@ def main() -> int:
     parser.add_argument("--teacher-steps", type=int, default=1500,
                         help="GNN teacher steps (default 1500: k = 3 reaches 0.95 on data_089907f8)")
     parser.add_argument("--student-steps", type=int, default=2000,
-                        help="student steps (default 2000: about 13 epochs of the 10k training rows at batch 64)")
+                        help="student steps (default 2000: about 13 epochs of the 10k training rows at batch 64); "
+                             "with --early-stopping the upper limit")
+    parser.add_argument("--kd-alpha", type=float, default=1.0,
+                        help="KD weight of both distilled students (default 1.0, the config's; the student alone "
+                             "keeps 0)")
+    parser.add_argument("--kd-tau", type=float, default=2.0,
+                        help="KD temperature of both distilled students (default 2.0, the config's)")
+    parser.add_argument("--beta", type=float, default=0.5,
+                        help="contrastive (InfoNCE) weight of the KD + contrastive student (default 0.5, the config's)")
+    parser.add_argument("--early-stopping", action="store_true",
+                        help="hold out 10%% of the training rows (the same for every model and seed), keep each "
+                             "run's best validation model and stop students after --patience evaluations without "
+                             "a gain")
+    parser.add_argument("--eval-every", type=int, default=250,
+                        help="with --early-stopping: students' validation interval in steps (default 250)")
+    parser.add_argument("--patience", type=int, default=4,
+                        help="with --early-stopping: evaluations without a gain before a student stops (default 4)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plot")
     parser.add_argument("--job", nargs=2, metavar=("DATASET", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
-        run_job(args.job[0], int(args.job[1]), args.out, args.teacher_steps, args.student_steps)
+        run_job(args.job[0], int(args.job[1]), args.out, args.teacher_steps, args.student_steps, args.kd_alpha,
+                args.kd_tau, args.beta, args.early_stopping, args.eval_every, args.patience)
         return 0
 
     started = time.time()
@@ -429,7 +577,11 @@ def main() -> int:
             log_path = os.path.join(args.out, f"{dataset}_seed{seed}.log")
             os.makedirs(args.out, exist_ok=True)
             command = [sys.executable, os.path.abspath(__file__), "--job", dataset, str(seed), "--out", args.out,
-                       "--teacher-steps", str(args.teacher_steps), "--student-steps", str(args.student_steps)]
+                       "--teacher-steps", str(args.teacher_steps), "--student-steps", str(args.student_steps),
+                       "--kd-alpha", repr(args.kd_alpha), "--kd-tau", repr(args.kd_tau), "--beta", repr(args.beta),
+                       "--eval-every", str(args.eval_every), "--patience", str(args.patience)]
+            if args.early_stopping:
+                command.append("--early-stopping")
             job_started = time.time()
             with open(log_path, "w", encoding="utf-8") as log:
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

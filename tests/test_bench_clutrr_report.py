@@ -131,3 +131,124 @@ def test_the_ceiling_row_appears_in_the_k_table(tmp_path):
     _write_job(tmp_path, bench.GENERALISATION, 0, _accuracies(1.0, 0.9))
     report = bench.build_report(str(tmp_path), None, {"1.2_test.csv": 1.0, "1.3_test.csv": 100 / 105})
     assert "| ceiling of any path-only model | 1.000 | 0.952 |" in report.splitlines()
+
+
+def _student_config(variant, overrides=()):
+    return load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:data_root=,variant={variant}"),
+                       list(overrides))
+
+
+@pytest.mark.parametrize("variant, expected", [("alone", (0.0, 2.0, 0.0)), ("kd", (0.3, 4.0, 0.0)),
+                                               ("kd_contrastive", (0.3, 4.0, 0.25))])
+def test_student_overrides_set_the_loss_weights_of_the_distilled_variants_only(variant, expected):
+    config = _student_config(variant, bench.student_overrides(variant, kd_alpha=0.3, kd_tau=4.0, beta=0.25))
+    assert (config.distill.alpha, config.distill.tau, config.distill.beta) == expected
+    assert config.data.valid_fraction == 0.0 and config.train.patience == 0    # no early stopping unless asked
+
+
+@pytest.mark.parametrize("variant, expected", [("alone", (0.0, 0.0)), ("kd", (1.0, 2.0, 0.0)),
+                                               ("kd_contrastive", (1.0, 2.0, 0.5))])
+def test_the_default_weights_give_todays_configs(variant, expected):
+    config = _student_config(variant, bench.student_overrides(variant))
+    if variant == "alone":
+        assert (config.distill.alpha, config.distill.beta) == expected
+    else:
+        assert (config.distill.alpha, config.distill.tau, config.distill.beta) == expected
+    assert config.to_dict() == _student_config(variant).to_dict()   # an old --out folder's settings still agree
+
+
+def test_early_stopping_overrides_hold_out_the_same_rows_for_every_run():
+    config = _student_config("kd", bench.student_overrides("kd", early_stopping=True, eval_every=100, patience=3))
+    assert (config.data.valid_fraction, config.data.valid_seed) == (0.1, 0)
+    assert (config.train.eval_every, config.train.patience) == (100, 3)
+    teacher = load_config(os.path.join(ROOT, "jaxalign/configs/clutrr_teacher.py:data_root="),
+                          bench.validation_overrides(True))
+    assert (teacher.data.valid_fraction, teacher.data.valid_seed) == (0.1, 0)
+    assert bench.validation_overrides(False) == []
+
+
+def _paired_row(report: str, title: str, name: str) -> str:
+    lines = report.splitlines()
+    start = lines.index(title)
+    return next(line for line in lines[start:] if line.startswith(f"| {name} |"))
+
+
+def test_paired_table_gives_mean_and_standard_error_of_the_seed_differences(tmp_path):
+    # k=2 differences kd - alone: 0.10, 0.20, 0.30 -> mean 0.2, sample std 0.1, SE 0.1 / sqrt(3) = 0.0577 (beyond
+    # twice the SE: star). k=3 differences: +0.10, -0.10, +0.03 -> mean 0.01, sample std sqrt(0.0206/2) = 0.1015,
+    # SE 0.0586 (no star). Mean over k: 0.10, 0.05, 0.165 -> mean 0.105, SE 0.0333 (star).
+    alone = [(0.50, 0.40), (0.60, 0.50), (0.40, 0.30)]
+    kd = [(0.60, 0.50), (0.80, 0.40), (0.70, 0.33)]
+    for seed, ((a2, a3), (k2, k3)) in enumerate(zip(alone, kd)):
+        accuracy = _accuracies(a2, a3)
+        accuracy["kd"] = {"1.2_test.csv": k2, "1.3_test.csv": k3}
+        accuracy["kd_contrastive"] = {"1.2_test.csv": a2, "1.3_test.csv": a3}   # the same as alone: no difference
+        _write_job(tmp_path, bench.GENERALISATION, seed, accuracy)
+    report = bench.build_report(str(tmp_path), None)
+    title = f"{bench.PAIRED_TITLE}:"
+    differences = {"k2": [0.10, 0.20, 0.30], "k3": [0.10, -0.10, 0.03], "mean": [0.10, 0.05, 0.165]}
+    cells = []
+    for values in differences.values():
+        mean = sum(values) / 3
+        se = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5 / 3 ** 0.5
+        cells.append(f"{mean:+.3f} ± {se:.3f}" + ("*" if abs(mean) > 2 * se else ""))
+    assert cells == ["+0.200 ± 0.058*", "+0.010 ± 0.059", "+0.105 ± 0.033*"]
+    assert _paired_row(report, title, "BiLSTM + KD") == "| BiLSTM + KD | " + " | ".join(cells) + " |"
+    assert (_paired_row(report, title, "BiLSTM + KD + contrastive")
+            == "| BiLSTM + KD + contrastive | +0.000 ± 0.000 | +0.000 ± 0.000 | +0.000 ± 0.000 |")
+
+
+def test_paired_table_with_one_seed_has_no_standard_error_and_no_star(tmp_path):
+    accuracy = _accuracies(0.5, 0.4)
+    accuracy["kd"] = {"1.2_test.csv": 0.9, "1.3_test.csv": 0.8}
+    _write_job(tmp_path, bench.GENERALISATION, 0, accuracy)
+    report = bench.build_report(str(tmp_path), None)
+    assert (_paired_row(report, f"{bench.PAIRED_TITLE}:", "BiLSTM + KD")
+            == "| BiLSTM + KD | +0.400 ± - | +0.400 ± - | +0.400 ± - |")
+
+
+def test_robustness_sets_get_a_paired_table_at_k3_per_test_noise(tmp_path):
+    dataset = "data_06b8f2a1"
+    for seed, gain in enumerate((0.1, 0.2)):
+        files = {"1.3_test.csv": 0.5, "2.3_test.csv": 0.6, "2.2_test.csv": 0.7}
+        accuracy = {name: dict(files) for name in ("teacher", *bench.VARIANTS)}
+        accuracy["kd"]["2.3_test.csv"] += gain
+        _write_job(tmp_path, dataset, seed, accuracy)
+    report = bench.build_report(str(tmp_path), None)
+    # supporting at k = 3: differences 0.1, 0.2 -> mean 0.15, sample std 0.0707, SE 0.05: beyond 2 SE (0.1).
+    assert (_paired_row(report, f"{bench.PAIRED_TITLE}, test k = 3:", f"supporting ({dataset}, 2 seeds): BiLSTM + KD")
+            == f"| supporting ({dataset}, 2 seeds): BiLSTM + KD | +0.000 ± 0.000 | +0.150 ± 0.050* | - | - |")
+
+
+def test_early_stopping_shows_in_the_settings_and_the_best_and_stopped_steps(tmp_path):
+    configs = _configs(teacher_overrides=bench.validation_overrides(True),
+                       student_overrides=bench.validation_overrides(True) + ["train.eval_every=250",
+                                                                               "train.patience=4"])
+    for seed, (best, stopped) in enumerate(((750, 1750), (1250, None))):     # None: ran to the step limit
+        _write_job(tmp_path, bench.GENERALISATION, seed, _accuracies(1.0, 0.9), configs=configs)
+        path = tmp_path / bench.GENERALISATION / f"seed{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        for model in summary["models"].values():
+            model.update(best_step=best, best_valid_accuracy=0.9, stopped_at=stopped)
+        path.write_text(json.dumps(summary))
+    report = bench.build_report(str(tmp_path), None)
+    assert ("early stopping = 10% validation, every 250 steps, patience 4 (teacher: best of every 100 steps, "
+            "patience 0)") in _settings_line(report)
+    line = next(line for line in report.splitlines() if line.startswith(f"Early stopping on {bench.GENERALISATION}"))
+    # best steps 750, 1250 -> 1000; stopped at 1750 and the limit 2000 -> 1875
+    assert line.endswith(": BiLSTM alone 1000 / 1875; BiLSTM + KD 1000 / 1875; BiLSTM + KD + contrastive 1000 / 1875.")
+
+
+def test_summaries_without_early_stopping_have_neither_settings_nor_steps_line(tmp_path):
+    _write_job(tmp_path, bench.GENERALISATION, 0, _accuracies(1.0, 0.9))
+    report = bench.build_report(str(tmp_path), None)
+    assert "early stopping" not in _settings_line(report) and "Early stopping on" not in report
+
+
+def test_model_summary_records_the_early_stopping_fields_when_the_trainer_gives_them():
+    result = {"test_accuracy": {"1.2_test.csv": 0.9}, "train_seconds": 1.0, "final_metrics": {},
+              "test": {"1.2_test.csv": {"truncated": 0}}}
+    assert {k: bench._model_summary(result)[k] for k in ("best_step", "best_valid_accuracy", "stopped_at")} == {
+        "best_step": None, "best_valid_accuracy": None, "stopped_at": None}
+    result.update(best_step=500, best_valid_accuracy=0.8, stopped_at=1500)
+    assert bench._model_summary(result)["best_step"] == 500 and bench._model_summary(result)["stopped_at"] == 1500
