@@ -508,10 +508,12 @@ def plot(out: str, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_results(report: str, path: str) -> None:
+def write_results(report: str, path: str, start: str = START, end: str = END) -> None:
+    """Puts `report` (which begins with `start` and ends with `end`) in place of the section between those markers
+    in the markdown file at `path`, or appends it (bench/clutrr_kd_grid.py writes its own section with it)."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + report + text[text.index(END) + len(END):]
+    if start in text and end in text:
+        text = text[:text.index(start)] + report + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + report + "\n"
     with open(path, "w", encoding="utf-8") as stream:

@@ -30,9 +30,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_ROOT = os.path.join(os.path.dirname(ROOT), "shared", "data", "clutrr")
-DATASET = "data_089907f8"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from clutrr_distill import DATA_ROOT, GENERALISATION as DATASET, ROOT, write_results  # noqa: E402  (a sibling script)
+
 ALPHAS, TAUS, BETAS = (0.1, 0.5, 1.0), (1.0, 2.0, 4.0), (0.1, 0.5, 1.0)
 START, END = "<!-- clutrr_kd_grid:start -->", "<!-- clutrr_kd_grid:end -->"
 
@@ -185,16 +185,6 @@ def build_report(out: str, wall_seconds: float | None) -> tuple[str, dict]:
     return "\n".join(lines), grid
 
 
-def write_results(report: str, path: str) -> None:
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + report + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + report + "\n"
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(text)
-
-
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,7 +235,7 @@ def main(argv=None) -> int:
     report, grid = build_report(args.out, wall)
     with open(os.path.join(args.out, "grid.json"), "w", encoding="utf-8") as stream:
         json.dump(grid, stream, indent=1, default=str)
-    write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"))
+    write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"), START, END)
     print(report)
     return 0
 
