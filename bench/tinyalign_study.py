@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-questions", type=int, default=2000, help="test questions per run (default 2000)")
     parser.add_argument("--methods", default=",".join(STUDY_METHODS), help="comma-separated methods")
     parser.add_argument("--bank", choices=demo.BANKS, default="image_captions")
+    parser.add_argument("--key-encoder", choices=demo.KEY_ENCODERS, default="silhouette",
+                        help="what the image_captions bank is keyed by (default silhouette, the demo's)")
     parser.add_argument("--stage2-steps", type=int, default=None,
                         help="stage-2 steps at 100%% of the data (default: the demo's; the LM learns to read the "
                              "retrieved tokens only after several hundred steps, bench/RESULTS.md)")
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     for k in (int(part) for part in args.k.split(",")):
         settings = dataclasses.replace(
             demo.demo_settings(), k=k, seeds=tuple(int(part) for part in args.seeds.split(",")),
-            eval_questions=args.eval_questions, methods=tuple(args.methods.split(",")), bank=args.bank)
+            eval_questions=args.eval_questions, methods=tuple(args.methods.split(",")), bank=args.bank,
+            key_encoder=args.key_encoder)
         if args.stage2_steps:
             settings = dataclasses.replace(settings, stage2_steps=args.stage2_steps)
         if args.fractions:

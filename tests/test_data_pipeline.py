@@ -426,3 +426,31 @@ def test_qwen2_recipe_buckets_keep_most_computed_tokens_real_on_mix665k_like_len
         assert real_token_share(lengths, batch_size, (), 0, seed=0, max_length=2048) < 0.5
         assert real_token_share(lengths, batch_size, config.data.length_buckets, config.data.group_by_length,
                                 seed=0) >= 0.85
+
+
+# ---------------------------------------------------------------------------------------- sample cache
+class _CountingSource:
+    """A data source that counts how often each record is read."""
+
+    def __init__(self, records):
+        self.records, self.reads = records, 0
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.records[index]
+
+
+def test_cached_samples_give_the_same_batches_read_each_record_once_and_still_report_every_pass(records, tokenizer):
+    data = _bad_records(records)  # 15 records, 4 bad: 11 usable per pass
+    plain, cached_source = _CountingSource(data), _CountingSource(data)
+    uncached = dataset(plain, tokenizer, batch_size=4)
+    cached = dataset(cached_source, tokenizer, batch_size=4, cache_samples=True)
+    for a, b in zip(take(uncached, 9), take(cached, 9)):  # 36 rows: three passes of 11 usable samples and more
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert cached_source.reads == len(data) and plain.reads > 2 * len(data)
+    for report in cached.reports[:3]:  # a cached bad record is counted again in each pass it is met
+        assert report.counts == {"corrupt_image": 1, "empty_answer": 1, "missing_image": 1, "too_long": 1}

@@ -90,6 +90,14 @@ def test_stage_configs_select_the_40_percent_subset_inside_the_full_one():
     assert (full.retrieval.image_weight, full.retrieval.text_weight) == (1.0, 0.0)
     answers = demo.stage_config(dataclasses.replace(settings, bank="answers"), towers, 2, "real", 1.0)
     assert answers.data.memory_config == "" and answers.retrieval.text_weight == 0.6
+    # Keyed by the image's silhouette by default, by the towers on request; each key has its own bank folder.
+    keyed = {key: demo.stage_config(dataclasses.replace(settings, key_encoder=key), towers, 2, "real", 1.0,
+                                    bank_root="/banks") for key in demo.KEY_ENCODERS}
+    assert full.retrieval.key_encoder == "silhouette" and keyed["towers"].retrieval.key_encoder == "towers"
+    assert keyed["silhouette"].retrieval.memory_dir == "/banks/image_captions_silhouette_stage2"
+    assert keyed["towers"].retrieval.memory_dir == "/banks/image_captions_towers_stage2"
+    with pytest.raises(ValueError, match="key_encoder"):
+        dataclasses.replace(settings, key_encoder="clip")
 
 
 def test_plots_write_pngs_and_reject_bad_values(tmp_path):
@@ -263,6 +271,7 @@ def test_a_seeded_rerun_reproduces_towers_and_training_bit_for_bit(quick_demo, t
             assert f.read() == expected, part
     config = demo.stage_config(settings, again, 1, "real", 1.0)
     config.progress = False
+    config.train.log_every = 1  # every step's loss compared (the demo logs every 5th)
     runs = [tinyalign_trainer.train_and_evaluate(config, str(tmp_path / f"stage1_{n}")) for n in range(2)]
     assert runs[0]["loss_history"] == runs[1]["loss_history"] and len(runs[0]["loss_history"]) == 3
 

@@ -28,6 +28,7 @@ of the seeded random Perceiver over the entry's pixels and caption bytes.
 Public API:
   default_key(vision_features [B,N,Ev], text_embeddings [B,L,d], text_mask [B,L], image_weight, text_weight)
       -> [B, Ev + d] (the query and key function of the default mode; the model's `retrieval_key` calls it)
+  unit_rows(x [..., d]) -> x / |x| in float32
   answer_token_values(labels [B,L], value_length) -> [B, value_length] int32 (host, NumPy)
   memory_batches(batches, tokenizer, value_kind, value_length=0, perceiver_bytes=0) -> host batches for the bank
   memory_fingerprint(params, cfg, source, extra=None) -> str
@@ -83,7 +84,8 @@ log = logging.getLogger(__name__)
 _EPS = 1e-12
 
 
-def _unit(x: jax.Array) -> jax.Array:
+def unit_rows(x: jax.Array) -> jax.Array:
+    """x / |x| over the last axis in float32 (all-zero rows stay zero)."""
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
@@ -100,11 +102,11 @@ def default_key(vision_features: jax.Array, text_embeddings: jax.Array, text_mas
     Returns:
       [B, Ev + d] float32.
     """
-    image = _unit(jnp.mean(vision_features.astype(jnp.float32), axis=1))
+    image = unit_rows(jnp.mean(vision_features.astype(jnp.float32), axis=1))
     mask = text_mask.astype(jnp.float32)[:, :, None]
     text_sum = jnp.sum(text_embeddings.astype(jnp.float32) * mask, axis=1)
-    text = _unit(text_sum / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
-    return jax.lax.stop_gradient(_unit(jnp.concatenate([image_weight * image, text_weight * text], axis=-1)))
+    text = unit_rows(text_sum / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    return jax.lax.stop_gradient(unit_rows(jnp.concatenate([image_weight * image, text_weight * text], axis=-1)))
 
 
 def answer_token_values(labels: np.ndarray, value_length: int, drop_ids: Sequence[int] = ()) -> np.ndarray:
@@ -151,6 +153,8 @@ def memory_fingerprint(params: PyTree, cfg: Any, source: str, extra: dict | None
     description = {"mode": cfg.query.mode, "value_kind": cfg.value_kind, "value_length": cfg.value_length,
                    "vision_layer": cfg.vision_layer, "drop_first_vision_token": cfg.drop_first_vision_token,
                    "weights": [cfg.query.image_weight, cfg.query.text_weight], "source": source, **(extra or {})}
+    if cfg.query.key_encoder != "towers":  # absent for the towers, so banks saved before the option stay valid
+        description["key_encoder"] = cfg.query.key_encoder
     return store.encoder_fingerprint("tinyalign-memory", encoders, description)
 
 

@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.align import controls, memory_keys, query as query_lib, splice, value_encoders
+from jaxalign.align import controls, memory_keys, query as query_lib, silhouette, splice, value_encoders
 from jaxalign.align.controls import RetrievalControl
 from jaxalign.align.query import QueryConfig
+from jaxalign.data import image_ops
 from jaxalign.models import connector, decoder, vit
 from jaxalign.models.connector import ConnectorConfig
 from jaxalign.models.decoder import DecoderConfig
@@ -147,6 +148,8 @@ class TinyAlignConfig:
     def key_dim(self) -> int:
         if self.query.mode == "faithful":
             return self.lm.hidden_size
+        if self.query.key_encoder == "silhouette":
+            return silhouette.feature_dim(channels=self.vision.num_channels)
         return self.vision.hidden_size + self.lm.hidden_size
 
 
@@ -216,6 +219,10 @@ def retrieval_key(params: dict, cfg: TinyAlignConfig, batch: dict, features: jax
         end = jnp.max(jnp.where(batch["attention_mask"] > 0, positions[None, :], -1)) + 1
         return query_lib.faithful_query(tokens, embeddings, start, query_cfg.image_weight, query_cfg.text_weight,
                                         text_end=end)
+    if query_cfg.key_encoder == "silhouette":
+        mean, std = image_ops.NORMALISATION[cfg.vision.variant]   # back to [0, 1] pixels
+        pixels = batch["pixels"].astype(jnp.float32) * jnp.asarray(std) + jnp.asarray(mean)
+        return memory_keys.unit_rows(silhouette.silhouette_features(pixels))
     text_mask = query_lib.prompt_text_mask(batch["attention_mask"], batch["labels"], batch["input_ids"])
     return memory_keys.default_key(features, embeddings, text_mask, query_cfg.image_weight, query_cfg.text_weight)
 

@@ -35,6 +35,9 @@ import jax.numpy as jnp
 from jaxalign.data.chat_templates import IGNORE_LABEL
 
 QUERY_MODES = ("faithful", "default")
+# What the default mode's keys and queries are made from: the frozen towers (image features + prompt text), or the
+# hand-made silhouette of the image alone (`jaxalign.align.silhouette`: easy-vqa's drawn shapes).
+KEY_ENCODERS = ("towers", "silhouette")
 _EPS = 1e-12
 
 
@@ -48,12 +51,15 @@ class QueryConfig:
       text_weight: weight of the normalised text tokens (official: 0.6 = 1 - alpha).
       text_start: faithful mode: first text position of the query's text slice when the batch gives none
         (`retrieval_text_start` = 35 in the official Phi template; it depends on tokenizer and template).
+      key_encoder: default mode: 'towers' (the weighted image and text halves above) or 'silhouette' (the
+        image's hand-made silhouette and colour, `jaxalign.align.silhouette`; the weights are then unused).
     """
 
     mode: str = "default"
     image_weight: float = 0.4
     text_weight: float = 0.6
     text_start: int = 35
+    key_encoder: str = "towers"
 
     def __post_init__(self):
         if self.mode not in QUERY_MODES:
@@ -63,6 +69,11 @@ class QueryConfig:
                              f"{self.image_weight}, text_weight={self.text_weight}")
         if self.text_start < 0:
             raise ValueError(f"QueryConfig.text_start={self.text_start} must be >= 0")
+        if self.key_encoder not in KEY_ENCODERS:
+            raise ValueError(f"QueryConfig.key_encoder={self.key_encoder!r}; expected one of {KEY_ENCODERS}")
+        if self.key_encoder != "towers" and self.mode == "faithful":
+            raise ValueError(f"key_encoder={self.key_encoder!r} is a default-mode key; faithful mode pools the "
+                             "towers' tokens as the official code does (use key_encoder='towers')")
 
 
 def _unit_rows(x: jax.Array) -> jax.Array:

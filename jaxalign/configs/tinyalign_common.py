@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.retrieval.memory_fraction = ml_collections.FieldReference("same", field_type=object)
     c.retrieval.image_weight = 0.4
     c.retrieval.text_weight = 0.6
+    # What default-mode keys and queries are made from: 'towers' (the weights above) or 'silhouette' (easy-vqa
+    # only: the image's hand-made shape outline and colour, `jaxalign.align.silhouette`; weights unused).
+    c.retrieval.key_encoder = "towers"
     c.retrieval.text_start = 35    # faithful mode: fallback query text start (measured per sample otherwise)
     c.retrieval.search_method = "exact"
     c.retrieval.shuffle_seed = 0   # 'shuffled' / 'shuffle_within_group': seed of the fixed permutation
@@ -127,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.length_buckets = ()     # pad each training batch to the smallest of these lengths that holds its
     #                                longest sample (model.max_length is always the last; one compile per bucket);
     #                                () pads every batch to model.max_length (jaxalign/data/length_buckets.py)
+    c.data.cache_samples = False   # keep processed training samples in memory after their first epoch (small
+    #                                data over many epochs: the demo; pipeline.make_vqa_dataset(cache_samples))
     c.data.group_by_length = 0     # batches per window sorted by length before batching (LLaVA's
     #                                group_by_modality_length), so that buckets fill up; 0: no grouping
 

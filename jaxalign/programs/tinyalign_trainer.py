@@ -278,7 +278,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
             run.sources["train"], batch_size=global_batch_size // shard_count, seed=config.seed,
             fraction=config.data.fraction, fraction_seed=config.data.fraction_seed, start_step=start_step,
             start_state=saved.get(str(shard)), process_index=shard, process_count=shard_count,
-            agree_length=lambda length: length, **run.data_options) for shard in own_shards]
+            agree_length=lambda length: length, cache_samples=config.data.get("cache_samples", False),
+            **run.data_options) for shard in own_shards]
         iterators.extend(shards)
         return ShardTrainBatches(shards, run.tokenizer.pad_id, to_device=lambda batch: _device_batch(batch, mesh),
                                  numbers=own_shards)
