@@ -28,7 +28,6 @@ of the seeded random Perceiver over the entry's pixels and caption bytes.
 Public API:
   default_key(vision_features [B,N,Ev], text_embeddings [B,L,d], text_mask [B,L], image_weight, text_weight)
       -> [B, Ev + d] (the query and key function of the default mode; the model's `retrieval_key` calls it)
-  unit_rows(x [..., d]) -> x / |x| in float32
   answer_token_values(labels [B,L], value_length) -> [B, value_length] int32 (host, NumPy)
   memory_batches(batches, tokenizer, value_kind, value_length=0, perceiver_bytes=0) -> host batches for the bank
   memory_fingerprint(params, cfg, source, extra=None) -> str
@@ -74,6 +73,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from jaxalign.align import value_encoders
+from jaxalign.align.query import unit_rows
 from jaxalign.data.chat_templates import ASSISTANT, HUMAN, IGNORE_LABEL, IMAGE_PLACEHOLDER
 from jaxalign.memory import bank as bank_lib
 from jaxalign.memory import build as build_lib
@@ -81,13 +81,6 @@ from jaxalign.memory import store
 
 PyTree = Any
 log = logging.getLogger(__name__)
-_EPS = 1e-12
-
-
-def unit_rows(x: jax.Array) -> jax.Array:
-    """x / |x| over the last axis in float32 (all-zero rows stay zero)."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
 
 def default_key(vision_features: jax.Array, text_embeddings: jax.Array, text_mask: jax.Array,

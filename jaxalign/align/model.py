@@ -222,7 +222,7 @@ def retrieval_key(params: dict, cfg: TinyAlignConfig, batch: dict, features: jax
     if query_cfg.key_encoder == "silhouette":
         mean, std = image_ops.NORMALISATION[cfg.vision.variant]   # back to [0, 1] pixels
         pixels = batch["pixels"].astype(jnp.float32) * jnp.asarray(std) + jnp.asarray(mean)
-        return memory_keys.unit_rows(silhouette.silhouette_features(pixels))
+        return query_lib.unit_rows(silhouette.silhouette_features(pixels))
     text_mask = query_lib.prompt_text_mask(batch["attention_mask"], batch["labels"], batch["input_ids"])
     return memory_keys.default_key(features, embeddings, text_mask, query_cfg.image_weight, query_cfg.text_weight)
 

@@ -76,8 +76,8 @@ class QueryConfig:
                              "towers' tokens as the official code does (use key_encoder='towers')")
 
 
-def _unit_rows(x: jax.Array) -> jax.Array:
-    """x / |x| over the last axis, in float32; all-zero rows stay zero."""
+def unit_rows(x: jax.Array) -> jax.Array:
+    """x / |x| over the last axis, in float32; all-zero rows stay zero (every key and query is normalised by it)."""
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
@@ -129,10 +129,10 @@ def masked_query(image_tokens: jax.Array, text_embeddings: jax.Array, text_mask:
         image_mask = jnp.ones((batch, num_image), bool)
     elif image_mask.shape != (batch, num_image):
         raise ValueError(f"image_mask shape {image_mask.shape} does not match image_tokens {(batch, num_image)}")
-    stacked = jnp.concatenate([image_weight * _unit_rows(image_tokens),
-                               text_weight * _unit_rows(text_embeddings)], axis=1)
+    stacked = jnp.concatenate([image_weight * unit_rows(image_tokens),
+                               text_weight * unit_rows(text_embeddings)], axis=1)
     mask = jnp.concatenate([image_mask.astype(bool), text_mask.astype(bool)], axis=1)
-    return jax.lax.stop_gradient(_unit_rows(pool_tokens(stacked, mask)))
+    return jax.lax.stop_gradient(unit_rows(pool_tokens(stacked, mask)))
 
 
 def faithful_query(image_tokens: jax.Array, text_embeddings: jax.Array, text_start: int | jax.Array = 35,
