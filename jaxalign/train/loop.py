@@ -20,7 +20,9 @@ The loop owns everything that is the same for all of them:
     state saved is that of the batch the checkpointed step consumed, not of the read-ahead;
   * no host synchronisation per step: the step's metrics stay on the device and are pulled to the host, all
     the steps since the last pull in one transfer (`_pull_metrics`), only at log steps and at the steps that
-    need a known-good state (checkpoint, evaluation, preemption, the last step);
+    need a known-good state (checkpoint, evaluation, preemption, the last step). One exception: on XLA:CPU with
+    several devices (fake meshes in tests) each step is waited for before the next is dispatched, because
+    overlapping programs with collectives can hang there (`jaxalign.sharding.steps_need_lockstep`);
   * the resolved config is written to `<workdir>/config.json` at start;
   * metrics go to `<workdir>/metrics.jsonl` and TensorBoard; a progress bar shows loss, examples/s and ETA;
   * a NaN or infinite loss raises `NonFiniteLossError` naming the first step that produced one; it is seen at
@@ -74,6 +76,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxalign import sharding
 from jaxalign.configs.base import save_resolved_config
 from jaxalign.data.prefetch import Prefetcher
 from jaxalign.train.checkpoint import Checkpointer
@@ -259,6 +262,7 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
     if prefetch:  # after the SIGTERM handler is in place: the thread starts reading at once
         batches = Prefetcher(batches, prefetch)
     pending: list[tuple[int, dict]] = []  # (step, metrics still on the device) since the last pull
+    lockstep = sharding.steps_need_lockstep()
     last_loss: float | None = None
     try:
         for step in range(start_step + 1, last_step + 1):
@@ -269,6 +273,8 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
                     f"the batch iterator ran out before step {step} of {total_steps}; make "
                     "batch_iterator_factory yield at least total_steps batches (repeat epochs)") from None
             state, metrics = train_step(state, batch)
+            if lockstep:  # XLA:CPU with several devices: see sharding.steps_need_lockstep
+                jax.block_until_ready((state, metrics))
             pending.append((step, metrics))
             logging_step = step % log_every == 0 or step == total_steps
             evaluating = eval_fn is not None and eval_every and step % eval_every == 0 and step != total_steps
