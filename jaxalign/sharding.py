@@ -154,6 +154,8 @@ def steps_need_lockstep(devices: Sequence[jax.Device] | None = None) -> bool:
     1,000 chained update steps fed by a prefetching thread hung in 6 of 6 runs (plain jit, and `jaxalign.train.loop`
     before this lockstep); waiting for each step, 12 of 12 runs finished (tests/test_train_lockstep.py).
     GPUs and TPUs run each device's programs in dispatch order on its own stream, so they never wait here.
+    (The other half of the cure is a larger XLA:CPU thread pool, `jaxalign.cpu_threads`, which also covers
+    collectives inside one program; this lockstep keeps the loop safe with the default pool.)
     """
     devices = list(devices if devices is not None else jax.local_devices())
     return len(devices) > 1 and all(device.platform == "cpu" for device in devices)

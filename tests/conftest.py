@@ -8,6 +8,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"
                       # in-process collectives wait up to 10 min, not 40 s, on a loaded 2-core machine (Makefile)
                       " --xla_cpu_collective_call_terminate_timeout_seconds=600 --xla_cpu_collective_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Enough XLA:CPU threads for 8 fake devices on 2 cores, set before jax starts its CPU backend below (see
+# jaxalign.cpu_threads: with the default pool, collectives that may run in either order can hang).
+os.environ.setdefault("PJRT_NPROC", "64")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")

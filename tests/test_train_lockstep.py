@@ -66,7 +66,9 @@ def test_lockstep_only_on_a_multi_device_cpu(eight_devices):
 def test_prefetched_steps_with_collectives_finish_on_eight_cpu_devices(tmp_path):
     # Without the lockstep this run hung in 2 of 2 tries (1,000 steps at this size; 64-wide steps did not).
     steps = 1000
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+    # PJRT_NPROC empty: XLA's default thread pool (jaxalign.cpu_threads leaves a set variable alone), so this
+    # tests the lockstep by itself.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PJRT_NPROC="", XLA_FLAGS=(
         "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=10 "
         "--xla_cpu_collective_call_terminate_timeout_seconds=10"))
     child = subprocess.run([sys.executable, "-c", CHILD, str(steps), str(tmp_path / "run")], env=env,
