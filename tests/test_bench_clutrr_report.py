@@ -252,3 +252,59 @@ def test_model_summary_records_the_early_stopping_fields_when_the_trainer_gives_
         "best_step": None, "best_valid_accuracy": None, "stopped_at": None}
     result.update(best_step=500, best_valid_accuracy=0.8, stopped_at=1500)
     assert bench._model_summary(result)["best_step"] == 500 and bench._model_summary(result)["stopped_at"] == 1500
+
+
+def _bert_configs(student="bert_lstm") -> dict:
+    configs = _configs()
+    for variant in bench.VARIANTS:
+        configs[variant] = json.loads(json.dumps(load_config(
+            os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:data_root=,variant={variant},student={student}"),
+            ["steps=2000", "batch_size=16"]).to_dict()))
+    return configs
+
+
+def test_a_bert_family_run_names_its_student_in_every_table_and_in_the_settings(tmp_path):
+    accuracy = _accuracies(0.5, 0.4)
+    _write_job(tmp_path, bench.GENERALISATION, 0, accuracy, configs=_bert_configs())
+    report = bench.build_report(str(tmp_path), None)
+    line = _settings_line(report)
+    assert "student = BERT-LSTM (all-MiniLM-L6-v2 fine-tuned at lr 3e-05, dropout 0.1), LSTM 128 per direction" in line
+    assert "loss of BERT-LSTM + KD = CE + KD (alpha 1, tau 2);" in line and "student batch = 16" in line
+    rows = report.splitlines()
+    assert "| BERT-LSTM alone (jaxalign) | 0.50 ± 0.00 | 0.40 ± 0.00 |" in rows
+    assert _paired_row(report, f"{bench.PAIRED_TITLE}:", "BERT-LSTM + KD").startswith("| BERT-LSTM + KD | +0.000")
+    assert "BiLSTM" not in report.replace("BiLSTM-Att", "")
+    assert bench.student_label(_bert_configs("bert")) == "BERT" and bench.student_label({}) == "BiLSTM"
+
+
+def test_a_named_section_has_its_own_markers_and_plot_and_leaves_the_others_alone(tmp_path):
+    _write_job(tmp_path / "jobs", bench.GENERALISATION, 0, _accuracies(1.0, 0.9))
+    report = bench.build_report(str(tmp_path / "jobs"), None, section="clutrr_bert")
+    start, end = bench.markers("clutrr_bert")
+    assert (start, end) == ("<!-- clutrr_bert:start -->", "<!-- clutrr_bert:end -->")
+    assert report.startswith(start) and report.endswith(end) and "(clutrr_bert_accuracy_vs_k.png)" in report
+    assert bench.plot_name() == "clutrr_accuracy_vs_k.png" and bench.markers() == (bench.START, bench.END)
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# Results\n{bench.START}\nthe BiLSTM table\n{bench.END}\n")
+    bench.write_results(report, str(path), start, end)
+    bench.write_results(report.replace("0.90", "0.80"), str(path), start, end)     # a rerun replaces its own
+    text = path.read_text()
+    assert "the BiLSTM table" in text and text.count(start) == 1 and "0.80 ± 0.00" in text
+
+
+def _teacher_config(overrides=()) -> dict:
+    return load_config(os.path.join(ROOT, "jaxalign/configs/clutrr_teacher.py:data_root="),
+                       ["steps=1500", *overrides]).to_dict()
+
+
+def test_a_reused_teacher_must_come_from_a_finished_job_that_ran_the_same_teacher_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"seed3/summary.json not found"):
+        bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3, _teacher_config())
+    configs = _configs(teacher_overrides=bench.validation_overrides(True))
+    _write_job(tmp_path, bench.GENERALISATION, 3, _accuracies(1.0, 0.9), configs=configs)
+    folder, model, config = bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3,
+                                                 _teacher_config(bench.validation_overrides(True)))
+    assert folder == str(tmp_path / bench.GENERALISATION / "seed3" / "teacher")
+    assert model["accuracy"] == {"1.2_test.csv": 1.0, "1.3_test.csv": 0.9} and config == configs["teacher"]
+    with pytest.raises(ValueError, match=r"another config than this run's teacher \(data.valid_fraction\)"):
+        bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3, _teacher_config())
