@@ -178,9 +178,10 @@ def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps
                     *student_overrides(variant, kd_alpha, kd_tau, beta, early_stopping, eval_every, patience),
                     *student_settings])
         summary["configs"][variant] = config.to_dict()
-        student = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
-        summary["models"][variant] = _model_summary(student)
+        trained = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
+        summary["models"][variant] = _model_summary(trained)
     summary["wall_seconds"] = time.time() - started
+    os.makedirs(job_dir, exist_ok=True)
     with open(os.path.join(job_dir, "summary.json"), "w", encoding="utf-8") as stream:
         json.dump(summary, stream, indent=1)
     return summary

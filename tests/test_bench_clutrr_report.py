@@ -308,3 +308,32 @@ def test_a_reused_teacher_must_come_from_a_finished_job_that_ran_the_same_teache
     assert model["accuracy"] == {"1.2_test.csv": 1.0, "1.3_test.csv": 0.9} and config == configs["teacher"]
     with pytest.raises(ValueError, match=r"another config than this run's teacher \(data.valid_fraction\)"):
         bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3, _teacher_config())
+
+
+def test_run_job_trains_every_arm_as_the_chosen_student_with_the_overrides_and_the_reused_teacher(tmp_path,
+                                                                                                monkeypatch):
+    from jaxalign.programs import clutrr_trainer
+    trained = []
+
+    def fake_train_student(config, workdir, rows=None):
+        trained.append((os.path.basename(workdir), config.model.kind, config.batch_size,
+                        config.distill.teacher_workdir, config.distill.alpha))
+        return {"test_accuracy": {"1.2_test.csv": 0.5}, "train_seconds": 1.0, "final_metrics": {},
+                "test": {"1.2_test.csv": {"truncated": 0}}}
+
+    monkeypatch.setattr(clutrr_trainer, "read_rows", lambda path: ["row"] * 7)
+    monkeypatch.setattr(clutrr_trainer, "train_student", fake_train_student)
+    monkeypatch.setattr(clutrr_trainer, "train_teacher", lambda *a, **k: pytest.fail("the teacher is reused"))
+    teacher = {"accuracy": {"1.2_test.csv": 1.0}}
+    monkeypatch.setattr(bench, "reused_teacher", lambda root, dataset, seed, wanted: (
+        f"{root}/{dataset}/seed{seed}/teacher", teacher, wanted))
+    summary = bench.run_job(bench.GENERALISATION, 2, str(tmp_path), 100, 50, kd_alpha=0.3, student="bert_lstm",
+                            student_settings=["batch_size=16"], teacher_from="earlier")
+    teacher_dir = f"earlier/{bench.GENERALISATION}/seed2/teacher"
+    assert trained == [("alone", "bert_lstm", 16, teacher_dir, 0.0), ("kd", "bert_lstm", 16, teacher_dir, 0.3),
+                       ("kd_contrastive", "bert_lstm", 16, teacher_dir, 0.3)]
+    assert summary["models"]["teacher"] == teacher and summary["teacher_from"] == os.path.abspath("earlier")
+    assert bench.student_label(summary["configs"]) == "BERT-LSTM"
+    assert json.loads((tmp_path / bench.GENERALISATION / "seed2" / "summary.json").read_text())["train_rows"] == 7
+    with pytest.raises(ValueError, match="student='lstm' is not one of"):
+        bench.run_job(bench.GENERALISATION, 2, str(tmp_path), 100, 50, student="lstm")
