@@ -449,6 +449,23 @@ def _early_stopping_text(group: list[dict], names: dict[str, str] = MODEL_NAMES)
     return "; ".join(parts) or None
 
 
+def _validation_text(group: list[dict], names: dict[str, str] = MODEL_NAMES) -> str | None:
+    """'BiLSTM alone 0.823 ± 0.004; BiLSTM + KD 0.828 ± 0.005 (+0.005 ± 0.002*); ...': the students' best
+    validation accuracy over seeds and each distilled arm's paired difference; None without validation."""
+    def best(model: dict):
+        return model.get("best_valid_accuracy")
+    if any(best(s["models"][variant]) is None for s in group for variant in VARIANTS):
+        return None
+    parts = []
+    for variant in VARIANTS:
+        values = [best(s["models"][variant]) for s in group]
+        text = f"{names[variant]} {np.mean(values):.3f} ± {np.std(values):.3f}"
+        if variant != "alone":
+            text += f" ({_paired_cell(group, variant, best)})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def path_only_ceiling(rows) -> float:
     """The best accuracy any model that sees only the relation path can reach on `rows`.
 
@@ -502,8 +519,13 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
                  "edge type, since the released files label only the k path edges). Students: text encoders over "
                  "anonymised stories, query = [source mentions; target mentions; story mean]. Settings, from the "
                  "jobs' configs: " + "; ".join(f"{k} = {v}" for k, v in settings.items()) + ".")
+    job_minutes = [s["wall_seconds"] / 60 for group in summaries.values() for s in group if "wall_seconds" in s]
     if wall_seconds is not None:
-        lines.append(f"Bench wall time: {wall_seconds / 60:.1f} min on the shared 2-core CPU.")
+        lines.append(f"Bench wall time of the last invocation: {wall_seconds / 60:.1f} min on the shared 2-core CPU"
+                     + (f"; the jobs' own wall times (teacher + three students, one single-threaded process each, "
+                        f"jobs resumed after an interruption counting only their last part): {len(job_minutes)} "
+                        f"jobs, {sum(job_minutes):.0f} min in all, {min(job_minutes):.1f}-{max(job_minutes):.1f} "
+                        "min each." if job_minutes else "."))
     lines.append("")
 
     if GENERALISATION in summaries:
@@ -581,6 +603,11 @@ def build_report(out: str, wall_seconds: float | None, ceiling: dict[str, float]
         if text:
             lines += [f"Early stopping on {dataset} (students; mean over {len(group)} seeds of the best validation "
                       f"step / the step the run stopped at, its limit when patience never ran out): {text}.", ""]
+        text = _validation_text(group, names)
+        if text:
+            lines += [f"Best validation accuracy on {dataset} (the held-out training rows, the same for every seed; "
+                      f"mean ± std over {len(group)} seeds; paired difference to the student alone, ± SE, * beyond "
+                      f"twice the SE): {text}.", ""]
 
     truncated = {d: sum(sum(s["models"][m]["truncated"].values()) for s in g for m in VARIANTS)
                  for d, g in summaries.items()}

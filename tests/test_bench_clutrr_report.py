@@ -337,3 +337,20 @@ def test_run_job_trains_every_arm_as_the_chosen_student_with_the_overrides_and_t
     assert json.loads((tmp_path / bench.GENERALISATION / "seed2" / "summary.json").read_text())["train_rows"] == 7
     with pytest.raises(ValueError, match="student='lstm' is not one of"):
         bench.run_job(bench.GENERALISATION, 2, str(tmp_path), 100, 50, student="lstm")
+
+
+def test_the_report_gives_the_best_validation_accuracy_with_paired_differences_and_the_jobs_wall_times(tmp_path):
+    for seed, (alone, kd) in enumerate(((0.80, 0.83), (0.82, 0.84), (0.81, 0.85))):
+        _write_job(tmp_path, bench.GENERALISATION, seed, _accuracies(1.0, 0.9))
+        path = tmp_path / bench.GENERALISATION / f"seed{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        for name, value in (("alone", alone), ("kd", kd), ("kd_contrastive", alone)):
+            summary["models"][name].update(best_step=100, best_valid_accuracy=value, stopped_at=None)
+        summary["wall_seconds"] = 60.0 * (seed + 1)
+        path.write_text(json.dumps(summary))
+    report = bench.build_report(str(tmp_path), 600.0)
+    line = next(line for line in report.splitlines() if line.startswith("Best validation accuracy on"))
+    # alone 0.80, 0.82, 0.81: mean 0.81, population std 0.00816; kd - alone 0.03, 0.02, 0.04: mean 0.03, SE 0.00577
+    assert line.endswith(": BiLSTM alone 0.810 ± 0.008; BiLSTM + KD 0.840 ± 0.008 (+0.030 ± 0.006*); "
+                         "BiLSTM + KD + contrastive 0.810 ± 0.008 (+0.000 ± 0.000).")
+    assert "last invocation: 10.0 min" in report and "3 jobs, 6 min in all, 1.0-3.0 min each." in report
