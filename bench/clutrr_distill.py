@@ -36,9 +36,9 @@ Other students (`--student bert | bert_lstm`: all-MiniLM-L6-v2 fine-tuned end to
 through the very same teachers (`--teacher-from` reuses a finished run's teacher per data set and seed), with their
 own RESULTS.md section and plot (`--section`) and any config override of the three students (`--student-set`):
 
-    .venv/bin/python bench/clutrr_distill.py --student bert_lstm --teacher-from runs/clutrr_es \
-        --seeds 0,1 --datasets data_089907f8 --early-stopping --student-steps 600 --eval-every 100 \
-        --kd-alpha A --kd-tau T --beta B --student-set batch_size=16 --student-set data.train_max_length=64 \
+    .venv/bin/python bench/clutrr_distill.py --student bert_lstm --teacher-from runs/clutrr_es \\
+        --seeds 0,1 --datasets data_089907f8 --early-stopping --student-steps 600 --eval-every 100 \\
+        --kd-alpha A --kd-tau T --beta B --student-set batch_size=16 --student-set data.train_max_length=64 \\
         --student-set train.checkpoint_every=100 --out runs/clutrr_bert --section clutrr_distill_bert
 
 A job stopped with SIGTERM saves a checkpoint and exits 143; the same command resumes it where it stopped.
