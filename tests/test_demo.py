@@ -123,12 +123,32 @@ def test_plots_write_pngs_and_reject_bad_values(tmp_path):
         plots.plot_loss_curves({"a": [(1, float("inf"))]}, str(tmp_path / "bad.png"))
 
 
-def _fake_runs(accuracy):
-    """Runs of baseline / tinyalign at 100% and 40% over seeds 0, 1, 2 with accuracy(method, fraction, seed)."""
+def _fake_runs(accuracy, methods=("baseline", "tinyalign")):
+    """Runs of `methods` at 100% and 40% over seeds 0, 1, 2 with accuracy(method, fraction, seed)."""
     return [{"name": demo.run_name(m, f), "method": m, "fraction": f, "seed": seed, "train_questions": q,
              "steps": st, "final_train_loss": 0.5, "mean_train_loss": 0.7, "eval_loss": None,
              "accuracy": accuracy(m, f, seed), "eval_questions": 24, "per_type": {"color": 1.0}}
-            for m in ("baseline", "tinyalign") for f, q, st in ((1.0, 200, 5), (0.4, 80, 2)) for seed in (0, 1, 2)]
+            for m in methods for f, q, st in ((1.0, 200, 5), (0.4, 80, 2)) for seed in (0, 1, 2)]
+
+
+def test_aggregate_compares_every_arm_with_each_null_once_including_the_constant_control():
+    methods = ("baseline", "tinyalign", "shuffle_within_group", "oracle", "constant")
+    settings = dataclasses.replace(demo.demo_settings(), methods=methods, fractions=(1.0,))
+    offset = {"baseline": 0.0, "tinyalign": 0.3, "shuffle_within_group": 0.1, "oracle": 0.4, "constant": 0.05}
+    runs = [run for run in _fake_runs(lambda m, f, seed: 0.4 + offset[m] + 0.01 * seed, methods)
+            if run["fraction"] == 1.0]
+    pairs = [(row["a"].removesuffix(" 100%"), row["b"].removesuffix(" 100%"))
+             for row in demo.aggregate(runs, settings)["comparisons"] if row["metric"] == "accuracy"]
+    assert pairs == [("tinyalign", "baseline"), ("shuffle_within_group", "baseline"), ("oracle", "baseline"),
+                     ("constant", "baseline"), ("tinyalign", "shuffle_within_group"),
+                     ("oracle", "shuffle_within_group"), ("constant", "shuffle_within_group"),
+                     ("tinyalign", "constant"), ("oracle", "constant")]
+    row = next(row for row in demo.aggregate(runs, settings)["comparisons"]
+               if (row["a"], row["b"], row["metric"]) == ("tinyalign 100%", "constant 100%", "accuracy"))
+    assert row["mean"] == pytest.approx(0.25) and row["n"] == 3
+    # Without the constant control the demo's comparisons are as before: nothing against a run that is absent.
+    demo_runs = [run for run in runs if run["method"] != "constant"]
+    assert not [row for row in demo.aggregate(demo_runs, settings)["comparisons"] if "constant" in row["a"] + row["b"]]
 
 
 def test_aggregate_pairs_by_seed_and_answers_the_claims():
@@ -283,18 +303,3 @@ def test_a_seeded_rerun_reproduces_towers_and_training_bit_for_bit(quick_demo, t
     config.train.log_every = 1  # every step's loss compared (the demo logs every 5th)
     runs = [tinyalign_trainer.train_and_evaluate(config, str(tmp_path / f"stage1_{n}")) for n in range(2)]
     assert runs[0]["loss_history"] == runs[1]["loss_history"] and len(runs[0]["loss_history"]) == 3
-
-
-def test_study_reports_the_standard_error_of_each_colour_and_shape_cell():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tinyalign_study", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "tinyalign_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    # colour 0.5, 0.6, 0.7 over three seeds: std 0.1, SE 0.1 / sqrt(3) = 0.0577; shape constant: SE 0.
-    runs = [{"name": "tinyalign 100%", "per_type": {"color": value, "shape": 0.4}} for value in (0.5, 0.6, 0.7)]
-    errors = study.cell_errors({"mean": {"tinyalign 100%": {}}, "runs": runs})
-    assert errors["tinyalign 100%"]["color"] == pytest.approx(0.1 / math.sqrt(3))
-    assert errors["tinyalign 100%"]["shape"] == pytest.approx(0.0)
-    assert study.parse_args(["--out", "x"]).k == "1,3,10"

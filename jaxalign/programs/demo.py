@@ -327,6 +327,10 @@ def run_all(out: str, settings: DemoSettings, cache_root: str | None = None, fre
 
 # ================================================================================================ statistics
 METRICS = ("accuracy", "final_train_loss", "mean_train_loss", "eval_loss")
+# Paired comparisons at each fraction: every arm against each reference run (the baseline and the two nulls);
+# pairs whose runs are absent (the demo does not run `constant`) are left out.
+COMPARED_ARMS = ("tinyalign", "shuffle_within_group", "oracle", "constant")
+COMPARED_AGAINST = ("baseline", "shuffle_within_group", "constant")
 
 
 def _metric(run: dict, metric: str) -> float | None:
@@ -370,10 +374,12 @@ def aggregate(runs: list[dict], settings: DemoSettings, priors: dict | None = No
 
     pairs = []
     for fraction in settings.fractions:
-        for other in ("baseline", "shuffle_within_group"):
-            for method in ("tinyalign", "shuffle_within_group", "oracle"):
-                if method != other:
-                    pairs.append((run_name(method, fraction), run_name(other, fraction)))
+        for other in COMPARED_AGAINST:
+            for method in COMPARED_ARMS:
+                pair = (run_name(method, fraction), run_name(other, fraction))
+                # Each pair once: with the constant control run, 'constant - shuffle' is not also 'shuffle - constant'.
+                if method != other and pair[::-1] not in pairs:
+                    pairs.append(pair)
     low, full = min(settings.fractions), max(settings.fractions)
     if low != full:
         pairs.append((run_name("tinyalign", low), run_name("baseline", full)))

@@ -1,0 +1,93 @@
+"""bench/tinyalign_study.py: the standard errors it reports and the RESULTS.md section it writes, on runs whose
+numbers are chosen so that every figure can be computed by hand."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+
+import pytest
+
+from jaxalign.programs import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("tinyalign_study", os.path.join(ROOT, "bench", "tinyalign_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def _results(seeds=(0, 1, 2)):
+    """run_all-shaped results of baseline, tinyalign and constant at 100% over `seeds`: shape accuracy 0.3 +
+    method offset + 0.1 * seed, colour 0.9 everywhere."""
+    methods = ("baseline", "tinyalign", "constant")
+    offset = {"baseline": 0.0, "tinyalign": 0.5, "constant": 0.1}
+    settings = dataclasses.replace(demo.demo_settings(), methods=methods, seeds=seeds, fractions=(1.0,), k=3,
+                                   stage2_steps=600)
+    runs = []
+    for method in methods:
+        for seed in seeds:
+            shape = 0.3 + offset[method] + 0.1 * seed
+            runs.append({"name": demo.run_name(method, 1.0), "method": method, "fraction": 1.0, "seed": seed,
+                         "train_questions": 3000, "steps": 600, "final_train_loss": 0.2, "mean_train_loss": 0.3,
+                         "eval_loss": None, "accuracy": (shape + 0.9) / 2, "eval_questions": 2000,
+                         "per_type": {"shape": shape, "color": 0.9},
+                         "retrieval_precision": ({"test": {"color": 0.999, "shape": 0.994}}
+                                                 if method == "tinyalign" and seed == seeds[0] else {}),
+                         "seconds": {"stage1": 5.0, "stage2": 30.0}})
+    priors = {seed: {"accuracy": 0.6, "per_type": {"shape": 0.33, "color": 0.1}} for seed in seeds}
+    return {"settings": dataclasses.asdict(settings), "seeds": list(seeds), "runs": runs, "question_prior": priors,
+            "towers": {"manifest": {"fingerprint": "abc"}}, "environment": {"cpu_count": 2, "jax": "x"},
+            **demo.aggregate(runs, settings, priors)}
+
+
+def test_study_reports_the_standard_error_of_each_colour_and_shape_cell():
+    study = _study()
+    # colour 0.5, 0.6, 0.7 over three seeds: std 0.1, SE 0.1 / sqrt(3) = 0.0577; shape constant: SE 0.
+    runs = [{"name": "tinyalign 100%", "per_type": {"color": value, "shape": 0.4}} for value in (0.5, 0.6, 0.7)]
+    errors = study.cell_errors({"mean": {"tinyalign 100%": {}}, "runs": runs})
+    assert errors["tinyalign 100%"]["color"] == pytest.approx(0.1 / math.sqrt(3))
+    assert errors["tinyalign 100%"]["shape"] == pytest.approx(0.0)
+    assert study.parse_args(["--out", "x"]).k == "1,3,10"
+
+
+def test_report_tables_hold_the_hand_computed_means_standard_errors_and_paired_differences(tmp_path):
+    study = _study()
+    results = _results()
+    plot = study.plot_accuracy(results, 3, str(tmp_path / "study_k3_accuracy.png"))
+    assert os.path.getsize(plot) > 1000
+    report = study.markdown_report({3: results}, "python bench/tinyalign_study.py --k 3", study.facts_line({3: results}),
+                                   "study_test", {3: plot})
+    lines = report.splitlines()
+    assert lines[0] == "<!-- study_test:start -->" and lines[-1] == "<!-- study_test:end -->"
+    # Shape over seeds 0, 1, 2: tinyalign 0.8, 0.9, 1.0 -> 0.900 ± 0.100, SE 0.1 / sqrt(3) = 0.058; colour SE 0.
+    row = next(line for line in lines if line.startswith("| tinyalign 100% |"))
+    assert row.split(" | ")[4:6] == ["0.900 ± 0.100", "0.900 ± 0.000"] and row.endswith("| 0.058 / 0.000 |")
+    # Paired by seed the differences are constant: tinyalign - constant = +0.4 shape, +0.2 overall, beyond 2 SE.
+    row = next(line for line in lines if line.startswith("| tinyalign 100% - constant 100% |"))
+    assert row.split(" | ")[1:3] == ["+0.200 ± 0.000 *", "+0.400 ± 0.000 *"]
+    assert any(line.startswith("| constant 100% - baseline 100% | +0.050 ± 0.000 * | +0.100 ± 0.000 * |")
+               for line in lines)
+    assert "| question-only prior | - | - | 0.600 ± 0.000 | 0.330 ± 0.000 | 0.100 ± 0.000 |" in report
+    assert "- tinyalign 100% (seed 0; colour / shape): test 0.999 / 0.994" in lines
+    # Six colour / shape cells: the three colour ones (SE 0) meet 0.02, the shape ones (SE 0.058) do not.
+    assert "at most 0.02: 3 of 6 (largest 0.058)." in report
+    assert "600 steps at 100%" in report and "towers abc" in report and "took 4.5 min" in report  # 9 runs x 30 s
+    assert "![accuracy per question type, k = 3](study_k3_accuracy.png)" in lines
+
+
+def test_a_rerun_replaces_its_own_section_of_results_md_and_leaves_the_rest(tmp_path):
+    study = _study()
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmark results\n\nintro\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
+    for seeds in ((0, 1, 2), (0, 1)):
+        results = _results(seeds)
+        report = study.markdown_report({3: results}, "cmd", study.facts_line({3: results}), "study_test")
+        study.write_results(report, str(results_md), *study.markers("study_test"))
+    text = results_md.read_text()
+    assert text.count("<!-- study_test:start -->") == 1 and "2 seeds (0, 1)" in text and "3 seeds" not in text
+    assert "keep me" in text and text.startswith("# Benchmark results\n\nintro")
