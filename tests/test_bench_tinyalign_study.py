@@ -91,3 +91,15 @@ def test_a_rerun_replaces_its_own_section_of_results_md_and_leaves_the_rest(tmp_
     text = results_md.read_text()
     assert text.count("<!-- study_test:start -->") == 1 and "2 seeds (0, 1)" in text and "3 seeds" not in text
     assert "keep me" in text and text.startswith("# Benchmark results\n\nintro")
+
+
+def test_precision_lines_leave_out_the_oracle_which_reads_no_bank_row():
+    study = _study()
+    carried = {"test": {"color": 1.0, "shape": 0.99}}
+    runs = [{"name": "tinyalign 100%", "method": "tinyalign", "seed": 0, "retrieval_precision": carried},
+            {"name": "oracle 100%", "method": "oracle", "seed": 0,      # older results measured its -1 ids as 0
+             "retrieval_precision": {"test": {"color": 0.0, "shape": 0.0}}},
+            {"name": "tinyalign 100%", "method": "tinyalign", "seed": 1, "retrieval_precision": carried}]
+    lines = study.precision_lines({"seeds": [0, 1], "runs": runs})
+    assert lines == ["- tinyalign 100% (seed 0; colour / shape): test 1.000 / 0.990",
+                     "- oracle: each sample's own caption, so its colour and shape by construction (no bank row read)"]

@@ -443,10 +443,12 @@ def _claims(comparisons: list[dict], settings: DemoSettings) -> list[str]:
     if (oracle_row := _find(comparisons, oracle, base, "accuracy")) and not (
             oracle_row["exceeds_2se"] and oracle_row["mean"] > 0):
         claims.append("Since even the oracle, whose values hold each image's own caption, does not answer better, "
-                      f"the LM is not reading the retrieved tokens after {settings.stage2_steps} stage-2 steps: no "
-                      "memory can help it until it does (in our runs it learns to after about 10,000-20,000 "
-                      "training samples, and not at every seed below that; `jaxalign demo --stage2-steps 600` "
-                      "trains 19,200, and there TinyAlign beats the baseline and its shuffle: bench/RESULTS.md)")
+                      f"the LM is not reading the retrieved tokens after {settings.stage2_steps} stage-2 steps "
+                      f"({settings.stage2_steps * settings.batch_size:,} samples) at k = {settings.k}: no memory can "
+                      "help it until it does (in our runs at k = 3 it learns to after about 10,000-20,000 training "
+                      "samples, not at every seed; `jaxalign demo --stage2-steps 600` trains 19,200, and there "
+                      "TinyAlign beats the baseline and its shuffle; at k = 1, one copy of the value, 600 steps do "
+                      "not suffice: bench/RESULTS.md)")
     if uses := _uses_image(comparisons, settings):
         claims.append(uses)
     if low != full:

@@ -179,7 +179,9 @@ def make_evaluator(run: Run):
 
     # Retrieval diagnostics (`jaxalign.programs.tinyalign_diagnostics`): made on first use, bank attributes once.
     probe: list[tinyalign_diagnostics.RetrievalProbe] = []
-    diagnose = cfg.retrieval and config.eval.get("retrieval_diagnostics", True)
+    # Not for the oracle: its values are each sample's own, not bank rows (its value ids are all -1), so there is no
+    # retrieval to measure; its precision is 1 by construction.
+    diagnose = (cfg.retrieval and cfg.control.kind != "oracle" and config.eval.get("retrieval_diagnostics", True))
 
     def evaluate(params: dict, progress: bool | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
