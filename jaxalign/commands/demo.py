@@ -49,7 +49,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         "towers (the frozen ViT's mean patch embedding)")
     parser.add_argument("--stage2-steps", type=int, default=None, help="stage-2 steps at 100%% of the data "
                         "(default 200; a fraction f trains f times as many; 600 is where retrieval shows "
-                        "its effect: about 25 minutes on 2 cores)")
+                        "its effect: 15-25 minutes on 2 cores, by machine)")
     parser.add_argument("--eval-loss", action="store_true", help="also report the loss on the test questions")
     parser.add_argument("--distillation", choices=("auto", "on", "off"), default="auto", help="also run the small "
                         "CLUTRR structured-distillation job on generated data (GNN teacher, BiLSTM student alone "
