@@ -81,11 +81,6 @@ def cell_errors(results: dict) -> dict:
     return errors
 
 
-def _value(run: dict, metric: str) -> float | None:
-    """A run summary's 'accuracy' or 'accuracy/<question type>'."""
-    return run["accuracy"] if metric == "accuracy" else run["per_type"].get(metric.split("/", 1)[1])
-
-
 def facts_line(by_k: dict[int, dict]) -> str:
     """Settings, towers, machine and compute of the study, read from its results."""
     first = next(iter(by_k.values()))
@@ -208,7 +203,8 @@ def plot_accuracy(results: dict, k: int, path: str) -> str:
     groups = ("overall", *TYPE_HEADERS.values())
     values, bars = {}, {}
     for name in results["mean"]:
-        summaries = [seed_stats.summarise([_value(run, kind) for run in results["runs"] if run["name"] == name])
+        summaries = [seed_stats.summarise([demo.metric_value(run, kind) for run in results["runs"]
+                                           if run["name"] == name])
                      for kind in kinds]
         values[name] = {group: summary["mean"] or 0.0 for group, summary in zip(groups, summaries)}
         bars[name] = {group: 2 * (summary["se"] or 0.0) for group, summary in zip(groups, summaries)}

@@ -52,7 +52,7 @@ identical config are reused (`--fresh` reruns them).
 
 Public API:
   Method, METHODS, DemoSettings, demo_settings(quick=False), stage_config(...), run_all(out, settings,
-  cache_root=None) -> results dict, aggregate(runs, settings) -> {'mean', 'std', 'comparisons', 'claims'},
+  cache_root=None) -> results dict, aggregate(runs, settings) -> {'mean', 'std', 'comparisons', 'claims'}, metric_value(run, metric),
   format_table(results) -> str, run_distillation(out, seed) -> results, format_distillation_table(results) -> str
 
 The command (`jaxalign demo`, options and printing) is `jaxalign.commands.demo`.
@@ -333,7 +333,9 @@ COMPARED_ARMS = ("tinyalign", "shuffle_within_group", "oracle", "constant")
 COMPARED_AGAINST = ("baseline", "shuffle_within_group", "constant")
 
 
-def _metric(run: dict, metric: str) -> float | None:
+def metric_value(run: dict, metric: str) -> float | None:
+    """A run summary's value of `metric`: a top-level field ('accuracy', 'final_train_loss', ...) or
+    'accuracy/<question type>'; None when absent."""
     if metric in run:
         return run[metric]
     return run["per_type"].get(metric.split("/", 1)[1]) if metric.startswith("accuracy/") else None
@@ -359,7 +361,7 @@ def aggregate(runs: list[dict], settings: DemoSettings, priors: dict | None = No
         by_name.setdefault(PRIOR, {})[int(seed)] = {"accuracy": prior["accuracy"], "per_type": prior["per_type"]}
     mean, std = {}, {}
     for name, seeds in by_name.items():
-        summaries = {metric: seed_stats.summarise([_metric(run, metric) for run in seeds.values()])
+        summaries = {metric: seed_stats.summarise([metric_value(run, metric) for run in seeds.values()])
                      for metric in _metrics()}
         mean[name] = {metric: summary["mean"] for metric, summary in summaries.items()}
         std[name] = {metric: summary["std"] for metric, summary in summaries.items()}
@@ -368,8 +370,8 @@ def aggregate(runs: list[dict], settings: DemoSettings, priors: dict | None = No
         if a not in by_name or b not in by_name:
             return None
         seeds = [seed for seed in settings.seeds if seed in by_name[a] and seed in by_name[b]]
-        result = seed_stats.paired_difference([_metric(by_name[a][seed], metric) for seed in seeds],
-                                              [_metric(by_name[b][seed], metric) for seed in seeds])
+        result = seed_stats.paired_difference([metric_value(by_name[a][seed], metric) for seed in seeds],
+                                              [metric_value(by_name[b][seed], metric) for seed in seeds])
         return {"a": a, "b": b, "metric": metric, **{key: result[key] for key in ("n", "mean", "se", "exceeds_2se")}}
 
     pairs = []
