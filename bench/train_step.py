@@ -216,15 +216,13 @@ def build_step(config, cfg, mesh, params, param_axes=None):
     abstract) with logical axes `param_axes` (default: the model's, `model_lib.logical_axes`)."""
     train = config.train
     trainable = setup.trainable_parts(config)
-    schedule = opt_lib.warmup_cosine_schedule(train.learning_rate, 1000, warmup_ratio=train.warmup_ratio)
-    adamw = opt_lib.adamw(schedule, weight_decay=train.weight_decay, clip_norm=train.clip_norm or None)
-    rules = setup.freeze_rules(trainable, adamw)
+    rules = setup.freeze_rules(trainable, setup.stage_optimizer(train, total_steps=1000))
     optimizer = opt_lib.build_optimizer(params, rules)
     mask = opt_lib.trainable_mask(params, rules)
     state = jax.eval_shape(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
     shardings = state_shardings(state, param_axes if param_axes is not None else model_lib.logical_axes(cfg), mesh)
     step = tinyalign_lora.make_update_step(cfg, tinyalign_lora.lora_config(config), optimizer, mask,
-                                           train.accum_steps, schedule)
+                                           train.accum_steps)
     return step, shardings, state, trainable, optimizer
 
 

@@ -201,6 +201,34 @@ def test_resume_after_an_interruption_is_exact(folders, stage1, stage2, monkeypa
         np.testing.assert_array_equal(straight[name], again[name], err_msg=name)
 
 
+class _Lowered(Exception):
+    """Raised by the captured step once it has lowered its program: the run need not train."""
+
+
+def test_runs_of_different_lengths_share_one_compiled_step(folders, stage1, monkeypatch):
+    """The demo's 100% and 40% stage-2 runs differ only in length: the learning-rate horizon is optimizer state
+    (`horizon_schedule`), so the trainer lowers the very same update-step program for both (one compile, one
+    persistent-cache entry)."""
+    from jaxalign.align import update_step
+    lowered = []
+    original = update_step.jit_update_step
+
+    def capture(*args, **kwargs):
+        jitted = original(*args, **kwargs)
+
+        def first_call(state, batch, memory):
+            lowered.append(jitted.lower(state, batch, memory).as_text())
+            raise _Lowered()
+        return first_call
+
+    monkeypatch.setattr(update_step, "jit_update_step", capture)
+    for steps in (10, 4):
+        config = tiny_config(folders, 2, steps, f"model.init_from={stage1[0]}", "eval.at_end=False")
+        with pytest.raises(_Lowered):
+            trainer.train_and_evaluate(config, str(folders / f"stage2_lowered_{steps}"))
+    assert len(lowered) == 2 and lowered[0] == lowered[1]
+
+
 def test_eval_command_reproduces_the_final_evaluation(folders, stage1, stage2, capsys):
     from jaxalign import cli
 

@@ -13,6 +13,7 @@ parameters (with a previous stage's checkpoint written over them), the memory ba
   overwrite_params(params, saved, source) -> (params, replaced names)
   trainable_parts(config) -> parts the run trains ('lora' in place of 'lm' with LoRA, `tinyalign_lora`)
   freeze_rules(trainable, transform) -> [(regex, transform | None)]
+  stage_optimizer(train, total_steps) -> AdamW with warm-up and cosine decay, its horizon in the state
   stop_token_ids(tokenizer, template) -> ids that end a generated answer
   build_run(config, workdir) -> Run (mesh, tokenizer, template, sources, cfg, sharded params, memory, ...)
   build_memory(config, workdir, mesh, cfg, params, sources, data_options) -> (RetrievalMemory, info)
@@ -45,6 +46,7 @@ from jaxalign.data import chat_templates
 from jaxalign.data.tokenizer import Tokenizer, train_word_level_tokenizer
 from jaxalign.models import connector, decoder, vit
 from jaxalign.programs import tinyalign_lora
+from jaxalign.train import horizon_schedule
 from jaxalign.train import lora as lora_lib
 from jaxalign.train import optimizer as opt_lib
 
@@ -354,6 +356,17 @@ def freeze_rules(trainable: tuple[str, ...], transform) -> list:
     if "vision" in trainable:
         raise ValueError("the vision tower stays frozen in TinyAlign (its features key the memory bank)")
     return [(f"({'|'.join(trainable)})/.*", transform), (".*", None)]
+
+
+def stage_optimizer(train: ConfigDict, total_steps: int):
+    """The trained parts' transformation: AdamW with gradient clipping, linear warm-up and cosine decay over
+    `total_steps` (`config.train`'s learning_rate, warmup_ratio, end_lr_ratio, weight_decay, clip_norm).
+
+    The schedule's horizon is optimizer state, not a constant of the program (`horizon_schedule`): runs that differ
+    only in length (the demo's 40% runs train 40% of the steps) share one compiled step."""
+    return horizon_schedule.adamw(train.learning_rate, total_steps, warmup_ratio=train.warmup_ratio,
+                                  end_ratio=train.end_lr_ratio, weight_decay=train.weight_decay,
+                                  clip_norm=train.clip_norm or None)
 
 
 def stop_token_ids(tokenizer: Tokenizer, template: chat_templates.ChatTemplate) -> list[int]:

@@ -56,8 +56,7 @@ from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
 from jaxalign.programs import tinyalign_diagnostics, tinyalign_lora, training
 from jaxalign.programs.tinyalign_setup import (Run, build_run, freeze_rules, overwrite_params, read_checkpoint_params,
-                                               stop_token_ids, trainable_parts)
-from jaxalign.train import optimizer as opt_lib
+                                               stage_optimizer, stop_token_ids, trainable_parts)
 
 log = logging.getLogger(__name__)
 ConfigDict = ml_collections.ConfigDict
@@ -246,17 +245,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     selected = len(pipeline.select_fraction(len(run.sources["train"]), config.data.fraction,
                                             config.data.fraction_seed))
     total_steps = train.total_steps or max(1, int(train.num_epochs * selected // global_batch_size))
-    schedule = opt_lib.warmup_cosine_schedule(train.learning_rate, total_steps, warmup_ratio=train.warmup_ratio,
-                                              end_ratio=train.end_lr_ratio)
-    adamw = opt_lib.adamw(schedule, weight_decay=train.weight_decay, clip_norm=train.clip_norm or None)
     trainable = trainable_parts(config)
-    setup = training.setup_training(run.params, run.param_axes, freeze_rules(trainable, adamw), mesh,
+    setup = training.setup_training(run.params, run.param_axes,
+                                    freeze_rules(trainable, stage_optimizer(train, total_steps)), mesh,
                                     config.seed + 1)
 
     # --- update step: one jit over (state, batch, memory), the bank searched inside -----------------------------
     # The same jitted program bench/train_step.py times (`update_step.jit_update_step`).
     step = training.TimedStep(update_step.jit_update_step(
-        tinyalign_lora.make_update_step(cfg, run.lora, setup.optimizer, setup.mask, train.accum_steps, schedule),
+        tinyalign_lora.make_update_step(cfg, run.lora, setup.optimizer, setup.mask, train.accum_steps),
         setup.shardings, mesh, run.memory), every=train.log_every)
 
     def train_step(state, batch):

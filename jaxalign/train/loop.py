@@ -4,7 +4,8 @@ Trainers (TinyAlign stages, CLUTRR distillation) build their state, jitted step 
 The loop owns everything that is the same for all of them:
 
   * exact resume: the latest checkpoint in `<workdir>/checkpoints` is restored (params, optimizer state, step
-    and random key) and the batch iterator is created from the restored step (`batch_iterator_factory(step)`),
+    and random key; a learning-rate horizon held in the optimizer state, `horizon_schedule`, comes from the
+    run's config instead) and the batch iterator is created from the restored step (`batch_iterator_factory(step)`),
     so an interrupted and resumed run sees the same batches and keys, and ends with the same parameters, as
     an uninterrupted one. A *resumable* iterator (one with a JSON-able `state` property: its position after the
     last batch it yielded) is asked for its state at every checkpoint; each process's state is stored in the
@@ -79,6 +80,7 @@ from jax.experimental import multihost_utils
 from jaxalign import sharding
 from jaxalign.configs.base import save_resolved_config
 from jaxalign.data.prefetch import Prefetcher
+from jaxalign.train import horizon_schedule
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.metrics import MetricWriter
 from jaxalign.train.progress import TrainProgress
@@ -213,12 +215,15 @@ def train(*, state: TrainState, train_step: Callable[[TrainState, PyTree], tuple
                                 async_saves=async_checkpoints)
 
     # --- resume ------------------------------------------------------------------------------------------------
+    fresh_opt_state = state.opt_state
     restored = checkpointer.restore_latest(state)
     iterator_state = None
     evaluations: list[dict[str, float]] = []
     stopped_at: int | None = None
     if restored is not None:
         state, extra = restored
+        # A schedule's horizon held in the optimizer state is the run's setting: the config's, not the checkpoint's.
+        state = state.replace(opt_state=horizon_schedule.keep_horizon(state.opt_state, fresh_opt_state))
         log.info("resumed from %s at step %d (checkpoint extras: %s)", checkpoint_dir, int(state.step),
                  sorted(extra))
         iterator_state = _own_iterator_state(extra.get(ITERATOR_STATE))

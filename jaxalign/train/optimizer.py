@@ -18,6 +18,7 @@ Public API:
   trainable_mask(params, rules) -> pytree of bools
   build_optimizer(params, rules) -> optax.GradientTransformation
   split_trainable(params, mask) -> (trainable, frozen); merge_trainable(trainable, frozen, mask) -> params
+  warmup_length(total_steps, warmup_steps=None, warmup_ratio=0.0) -> checked warm-up steps
   warmup_cosine_schedule(peak_lr, total_steps, warmup_steps=None, warmup_ratio=0.0, end_ratio=0.0)
   adamw(learning_rate, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0) -> GradientTransformation
   weight_decay_mask(params) -> pytree of bools (False for biases and norm scales)
@@ -122,6 +123,21 @@ def merge_trainable(trainable: PyTree, frozen: PyTree, mask: PyTree) -> PyTree:
                                         for keep, t, f in zip(mask_leaves, trainable_leaves, frozen_leaves)])
 
 
+def warmup_length(total_steps: int, warmup_steps: int | None = None, warmup_ratio: float = 0.0) -> int:
+    """`warmup_steps`, or `round(warmup_ratio * total_steps)` when it is None, checked against the run's length.
+
+    Raises:
+      ValueError: for a non-positive `total_steps` or a warm-up outside [0, total_steps].
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if warmup_steps is None:
+        warmup_steps = int(round(warmup_ratio * total_steps))
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+    return warmup_steps
+
+
 def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int | None = None,
                            warmup_ratio: float = 0.0, end_ratio: float = 0.0) -> optax.Schedule:
     """Linear warm-up from 0 to `peak_lr`, then cosine decay to `end_ratio * peak_lr` at `total_steps`.
@@ -133,12 +149,7 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int |
       warmup_ratio: warm-up length as a fraction of `total_steps` (used when `warmup_steps` is None).
       end_ratio: final learning rate as a fraction of `peak_lr`.
     """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    if warmup_steps is None:
-        warmup_steps = int(round(warmup_ratio * total_steps))
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+    warmup_steps = warmup_length(total_steps, warmup_steps, warmup_ratio)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=end_ratio * peak_lr)

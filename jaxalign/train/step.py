@@ -43,6 +43,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import sharding as sharding_lib
+from jaxalign.train import horizon_schedule
 from jaxalign.train.optimizer import merge_trainable, split_trainable
 from jaxalign.train.state import TrainState
 
@@ -80,7 +81,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, tr
         transformation, `set_to_zero`, ignores them) and frozen params are passed through unchanged.
       trainable_mask: pytree of bools over params (`trainable_mask(params, rules)`).
       accum_steps: number of micro-batches each batch is split into.
-      learning_rate_fn: if given, metrics include 'learning_rate' at the step being taken.
+      learning_rate_fn: if given, metrics include 'learning_rate' at the step being taken. If None, and the
+        optimizer state holds a schedule of its own (`horizon_schedule.HorizonState`), the metric is its rate.
       summed_metrics: names of loss_fn's metrics that are totals over the batch (a token count, a loss sum):
         summed over micro-batches rather than averaged, so they read the same for any accum_steps.
 
@@ -143,6 +145,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, tr
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        elif (rate := horizon_schedule.learning_rate_in(state.opt_state)) is not None:
+            metrics["learning_rate"] = rate
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
