@@ -454,3 +454,33 @@ def test_cached_samples_give_the_same_batches_read_each_record_once_and_still_re
     assert cached_source.reads == len(data) and plain.reads > 2 * len(data)
     for report in cached.reports[:3]:  # a cached bad record is counted again in each pass it is met
         assert report.counts == {"corrupt_image": 1, "empty_answer": 1, "missing_image": 1, "too_long": 1}
+
+
+def test_a_shared_cache_serves_later_runs_over_the_same_records_and_spec(records, tokenizer):
+    """`share_cache_as`: a second run (another seed and fraction, as the demo's 40% runs) over the same named
+    records and spec reads only the records the first did not; its batches equal an uncached run's; another spec
+    (max_length) or another name gets a cache of its own."""
+    from jaxalign.data import pipeline
+    pipeline.clear_shared_samples()
+    try:
+        first_source = _CountingSource(records)
+        take(dataset(first_source, tokenizer, batch_size=4, fraction=0.5, fraction_seed=1,
+                     share_cache_as="test-records"), 20)  # 80 rows: every one of the 60 selected records
+        assert first_source.reads == 60 and pipeline.shared_sample_count() == 60
+        # The 20% subset of fraction seed 1 lies inside its 50% subset: nothing left to read.
+        second_source, plain = _CountingSource(records), _CountingSource(records)
+        shared = take(dataset(second_source, tokenizer, batch_size=4, seed=5, fraction=0.2, fraction_seed=1,
+                              share_cache_as="test-records"), 8)
+        uncached = take(dataset(plain, tokenizer, batch_size=4, seed=5, fraction=0.2, fraction_seed=1), 8)
+        assert second_source.reads == 0 and plain.reads > 0
+        for a, b in zip(uncached, shared):
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        for other in (dict(share_cache_as="test-records", max_length=MAX_LENGTH + 8),
+                      dict(share_cache_as="other-records")):
+            source = _CountingSource(records)
+            take(dataset(source, tokenizer, batch_size=4, fraction=0.2, fraction_seed=1, **other), 1)
+            assert source.reads == 4, other
+        assert pipeline.shared_sample_count() == 68
+    finally:
+        pipeline.clear_shared_samples()

@@ -104,6 +104,8 @@ def test_stage_configs_select_the_40_percent_subset_inside_the_full_one():
     assert keyed["towers"].retrieval.memory_dir == "/banks/image_captions_towers_stage2"
     with pytest.raises(ValueError, match="key_encoder"):
         dataclasses.replace(settings, key_encoder="clip")
+    # Every run of one process shares the processed training samples of one record set and spec.
+    assert full.data.share_sample_cache and part.data.share_sample_cache and stage1.data.share_sample_cache
 
 
 def test_plots_write_pngs_and_reject_bad_values(tmp_path):

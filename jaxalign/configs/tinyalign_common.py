@@ -132,6 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
     #                                () pads every batch to model.max_length (jaxalign/data/length_buckets.py)
     c.data.cache_samples = False   # keep processed training samples in memory after their first epoch (small
     #                                data over many epochs: the demo; pipeline.make_vqa_dataset(cache_samples))
+    c.data.share_sample_cache = False  # keep them for the whole process instead, shared by every run over the
+    #                                same records and spec (many runs in one process: the demo's 28)
     c.data.group_by_length = 0     # batches per window sorted by length before batching (LLaVA's
     #                                group_by_modality_length), so that buckets fill up; 0: no grouping
 

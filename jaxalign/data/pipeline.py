@@ -58,6 +58,7 @@ bank's values (`OracleValues`). At test time the sample is not in the bank, so t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -113,17 +114,43 @@ def _source_dataset(data_source: Any, spec: SampleSpec, for_generation: bool = F
 
 class _SampleCache:
     """The processed result (a `Sample` or the error that makes the record unusable) of each source index, made
-    once and kept for the iterator's life: later epochs skip decoding, resizing and tokenising. Processing is a
-    pure function of (index, record), so a cached epoch yields what a fresh one would; bad records are still
-    counted in every pass's report, since the report counts at `_next_valid`, not here."""
+    once and kept for the iterator's life (or, given a shared `results` dict, for the process's): later epochs
+    skip decoding, resizing and tokenising. Processing is a pure function of (index, record), so a cached epoch
+    yields what a fresh one would; bad records are still counted in every pass's report, since the report counts
+    at `_next_valid`, not here."""
 
-    def __init__(self, dataset: Any):
-        self.dataset, self.results = dataset, {}
+    def __init__(self, dataset: Any, results: dict[int, Any] | None = None):
+        self.dataset, self.results = dataset, {} if results is None else results
 
     def __getitem__(self, index: int):
         if index not in self.results:
             self.results[index] = self.dataset[index]
         return self.results[index]
+
+
+# Processed training samples kept for the whole process, by (the caller's name for the records, spec fingerprint):
+# the demo's 28 runs read 3 seeds' subsets of one easy-vqa split with one spec, so each sample is decoded once.
+_SHARED_SAMPLES: dict[tuple[str, str], dict[int, Any]] = {}
+
+
+def _spec_fingerprint(spec: SampleSpec) -> str:
+    """Everything `process_record` reads besides the record: the tokenizer's vocabulary and special tokens and the
+    spec's other fields (template, image size and normalisation, lengths, flags)."""
+    tokenizer = spec.tokenizer
+    digest = hashlib.sha256(tokenizer.backend.to_str().encode())
+    digest.update(repr((tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+                        dataclasses.replace(spec, tokenizer=None))).encode())
+    return digest.hexdigest()
+
+
+def shared_sample_count() -> int:
+    """How many processed samples the process-wide cache (`make_vqa_dataset(share_cache_as=...)`) holds."""
+    return sum(len(results) for results in _SHARED_SAMPLES.values())
+
+
+def clear_shared_samples() -> None:
+    """Empties the process-wide cache of processed training samples."""
+    _SHARED_SAMPLES.clear()
 
 
 def _padding_row(spec: SampleSpec) -> Sample:
@@ -218,6 +245,8 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         group_members: sample_index [B] -> group_member_ids [B, G], added to every batch (None: not added).
         oracle_values: adds `oracle_value_ids` [B, value_length] to every batch (None: not added).
         cache_samples: keep every processed sample in memory after its first epoch (`_SampleCache`).
+        share_cache_as: a name for `data_source`'s records: processed samples are then kept for the process and
+            shared with every iterator of that name and an equal spec (`make_vqa_dataset`); implies caching.
     """
 
     def __init__(self, data_source: Any, spec: SampleSpec, batch_size: int, seed: int, host_indexes: np.ndarray,
@@ -225,13 +254,17 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
                  length_buckets: Sequence[int] = (), group_by_length: int = 0,
                  agree_length: Callable[[int], int] | None = None,
                  group_members: Callable[[np.ndarray], np.ndarray] | None = None,
-                 oracle_values: OracleValues | None = None, cache_samples: bool = False):
+                 oracle_values: OracleValues | None = None, cache_samples: bool = False,
+                 share_cache_as: str | None = None):
         if len(host_indexes) == 0:
             raise ValueError("this host's slice of the data is empty; use fewer processes or more data")
         if group_by_length < 0:
             raise ValueError(f"group_by_length={group_by_length}: batches per sorted window, 0 for no grouping")
         self.dataset = _source_dataset(data_source, spec)
-        if cache_samples:
+        if share_cache_as is not None:
+            key = (share_cache_as, _spec_fingerprint(spec))
+            self.dataset = _SampleCache(self.dataset, _SHARED_SAMPLES.setdefault(key, {}))
+        elif cache_samples:
             self.dataset = _SampleCache(self.dataset)
         self.spec, self.batch_size, self.seed = spec, batch_size, seed
         self.host_indexes, self.shuffle, self.num_epochs = host_indexes, shuffle, num_epochs
@@ -430,6 +463,7 @@ def make_vqa_dataset(
     group_members: Callable[[np.ndarray], np.ndarray] | None = None,
     oracle_values: OracleValues | None = None,
     cache_samples: bool = False,
+    share_cache_as: str | None = None,
 ) -> TrainBatches:
     """Training batches of this host: an iterator of dicts of numpy arrays, each with `batch_size` rows.
 
@@ -470,6 +504,12 @@ def make_vqa_dataset(
             the first cost no decoding or tokenising: for small data trained over many epochs (the demo's 3,000
             easy-vqa questions at 32 px: about 40 MB). It holds this host's whole slice, image_size^2 x 12 bytes
             per sample at most: not for LLaVA-size data. Batches are identical with or without it.
+        share_cache_as: keep the processed samples for the whole process instead, shared by every iterator made
+            with this name and an equal spec (tokenizer, template, image size and normalisation, lengths): the
+            caller names the records (e.g. 'easy_vqa/questions/train in <data_dir>') and vouches that one name
+            means one set of records. For many short runs over one small data set in one process (the demo's 28
+            runs decode each sample once instead of once per run); it grows with the distinct samples read
+            (`shared_sample_count`, `clear_shared_samples`). Batches are identical with or without it.
     """
     process_index, process_count = _jax_process(process_index, process_count)
     if agree_length is None and process_count > 1:
@@ -479,7 +519,7 @@ def make_vqa_dataset(
     selected = np.sort(select_fraction(len(data_source), fraction, seed if fraction_seed is None else fraction_seed))
     iterator = TrainBatches(data_source, spec, batch_size, seed, host_slice(selected, process_index, process_count),
                             shuffle, num_epochs, fail_fast, verbose, length_buckets, group_by_length, agree_length,
-                            group_members, oracle_values, cache_samples)
+                            group_members, oracle_values, cache_samples, share_cache_as)
     if start_state is not None:
         iterator.restore(start_state)
     else:

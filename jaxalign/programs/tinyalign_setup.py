@@ -4,6 +4,7 @@ parameters (with a previous stage's checkpoint written over them), the memory ba
 `trainer.py` reads top to bottom as the run itself; this module answers "where does each part come from":
 
   data_sources(config) -> {'train', 'eval', 'memory', 'build_reports'}
+  train_records_name(config.data) -> a name for the training records (the process-wide sample cache's key)
   tokenizer_corpus(config, sources) -> texts a word-level tokenizer for random towers is trained on
   load_tokenizer(config, workdir, sources) -> Tokenizer
   load_towers(config, tokenizer, mesh) -> (vision cfg, vision params, LM cfg, LM params), sharded over mesh
@@ -93,6 +94,16 @@ def data_sources(config: ConfigDict) -> dict[str, Any]:
         sources = _open_sources(config.data) if jax.process_index() == 0 else None
         multihost_utils.sync_global_devices("jaxalign: data sources built")
         return sources if sources is not None else _open_sources(config.data)
+
+
+def train_records_name(data: ConfigDict) -> str:
+    """A name for the training records `data_sources(config)['train']` reads, the same for every run that reads the
+    same ones (what `pipeline.make_vqa_dataset(share_cache_as=...)` keys its process-wide cache by)."""
+    if data.kind == "easy_vqa":
+        from jaxalign.data import easy_vqa
+
+        return f"easy_vqa/{data.train_config}/{data.train_split} in {data.data_dir or easy_vqa.default_data_dir()}"
+    return f"{data.kind}/{data.train_name} from {data.manual_dir}/{data.train_json} in {data.data_dir}"
 
 
 def _open_sources(data: ConfigDict) -> dict[str, Any]:

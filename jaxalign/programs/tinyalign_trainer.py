@@ -56,7 +56,8 @@ from jaxalign.evaluate import lm_loss, vqa
 from jaxalign.models import generate
 from jaxalign.programs import tinyalign_diagnostics, tinyalign_lora, training
 from jaxalign.programs.tinyalign_setup import (Run, build_run, freeze_rules, overwrite_params, read_checkpoint_params,
-                                               stage_optimizer, stop_token_ids, trainable_parts)
+                                               stage_optimizer, stop_token_ids, train_records_name,
+                                               trainable_parts)
 
 log = logging.getLogger(__name__)
 ConfigDict = ml_collections.ConfigDict
@@ -278,6 +279,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
             fraction=config.data.fraction, fraction_seed=config.data.fraction_seed, start_step=start_step,
             start_state=saved.get(str(shard)), process_index=shard, process_count=shard_count,
             agree_length=lambda length: length, cache_samples=config.data.get("cache_samples", False),
+            share_cache_as=train_records_name(config.data) if config.data.get("share_sample_cache") else None,
             **run.data_options) for shard in own_shards]
         iterators.extend(shards)
         return ShardTrainBatches(shards, run.tokenizer.pad_id, to_device=lambda batch: _device_batch(batch, mesh),
