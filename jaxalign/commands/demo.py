@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 from jaxalign.programs import demo
 
@@ -90,18 +91,21 @@ def run_demo(args: argparse.Namespace) -> int:
     if not 0 < settings.eval_questions <= demo.TEST_QUESTIONS_TOTAL:
         print(f"--eval-questions must be in 1..{demo.TEST_QUESTIONS_TOTAL}", file=sys.stderr)
         return 2
+    start = time.perf_counter()
     results = demo.run_all(args.out, settings, args.cache, fresh=args.fresh)
     distillation = None
     if args.distillation == "on" or (args.distillation == "auto" and not args.quick):
         distillation = demo.run_distillation(args.out)
+    whole_seconds = time.perf_counter() - start
     print("\n" + demo.format_table(results))
     if distillation is not None:
         print("\n" + demo.format_distillation_table(distillation))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(
         os.path.basename(path) for path in results["plots"].values()))
-    print(f"demo wall time {results['wall_seconds']} s (towers {results['towers']['seconds']} s, "
-          f"{'reused from the cache' if results['towers']['reused'] else 'pretrained'}); load average "
-          f"{results['environment']['load_average']}")
+    clutrr = f", CLUTRR part {whole_seconds - results['wall_seconds']:.1f} s" if distillation is not None else ""
+    print(f"demo wall time {whole_seconds:.1f} s: TinyAlign part {results['wall_seconds']} s (towers "
+          f"{results['towers']['seconds']} s, {'reused from the cache' if results['towers']['reused'] else 'pretrained'})"
+          f"{clutrr}; load average {results['environment']['load_average']}")
     return 0
 
 

@@ -34,7 +34,8 @@ What it runs, top to bottom:
 Data and sizes: stage 2 trains on a seeded subset of `train_questions` of the 38,575 easy-vqa training questions
 (100%), or the first 40% of that same subset; the 40% runs train for 40% of the steps (the same number of epochs
 over less data). Stage 2 runs 200 steps at batch 32 by default, about the demo's 12-minute budget on 2 CPU cores
-(7-13 minutes measured, by machine: 6 min 46 s where a step takes 0.055 s, 12 min 41 s at 0.1 s); the tiny LM learns to read its retrieved tokens only after some
+(measured: 6 min 34 s where a step takes 0.069 s; 12 min 41 s at 0.1 s, before the 40% runs shared the 100% runs'
+compiled step and all runs their decoded samples); the tiny LM learns to read its retrieved tokens only after some
 10,000-20,000 samples (bench/RESULTS.md), so at 200 steps no retrieval method, not even the oracle, changes much,
 and the demo's claims say so.
 `--stage2-steps 600` (about 6 epochs; 15-25 minutes on 2 cores, by machine) is the setting where retrieval shows its
