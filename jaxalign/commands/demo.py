@@ -103,9 +103,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(
         os.path.basename(path) for path in results["plots"].values()))
     clutrr = f", CLUTRR part {whole_seconds - results['wall_seconds']:.1f} s" if distillation is not None else ""
+    towers = results["towers"]
     print(f"demo wall time {whole_seconds:.1f} s: TinyAlign part {results['wall_seconds']} s (towers "
-          f"{results['towers']['seconds']} s, {'reused from the cache' if results['towers']['reused'] else 'pretrained'})"
-          f"{clutrr}; load average {results['environment']['load_average']}")
+          f"{towers['seconds']} s, {'reused from the cache' if towers['reused'] else 'pretrained'}){clutrr}; "
+          f"load average {results['environment']['load_average']}")
     return 0
 
 

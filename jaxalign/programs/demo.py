@@ -219,7 +219,7 @@ def stage_config(settings: DemoSettings, towers: pretrain_towers.PretrainedTower
     # A 100% run reads its 3,000 questions about twice: decoding and tokenising each once saves part of a step
     config.data.cache_samples = True
     # ... once for the whole demo: the 4 methods read the same subset of each seed (and 40% lies inside 100%), so
-    # sharing the processed samples across runs saves decoding about 30,000 of them (about 9 ms of a 65 ms step).
+    # the runs share the processed samples (measured: 15 s of the demo's 6.5 minutes, bench/RESULTS.md).
     config.data.share_sample_cache = True
     config.train.checkpoint_every = steps  # only the final checkpoint (stage 2 starts from stage 1's)
     config.train.keep_checkpoints = 1
