@@ -9,7 +9,10 @@ sets data_7c5b0e70 (clean), data_06b8f2a1 (supporting), data_523348e6 (irrelevan
 
 One job is one (data set, seed): it pretrains the GNN teacher, then trains three BiLSTM students on the same data
 (alone; + KD; + KD + contrastive) with the teacher frozen. Jobs run in parallel worker processes (each XLA
-single-threaded) and each writes `<out>/<data set>/seed<k>/summary.json`; a finished job is not rerun. The
+single-threaded) and each writes `<out>/<data set>/seed<k>/summary.json`; a finished job is not rerun. Its
+summary (results and configs, not checkpoints) is also kept in bench/jobs/<section>/, tracked by git, since runs/
+goes with the machine: a later run reuses the kept jobs that ran its settings, so seeds can be added session by
+session, and --report-only rebuilds the report from them alone. The
 report (markdown table with mean ± std over seeds per test file, the published CLUTRR numbers beside them, and
 a plot of accuracy against k) goes to bench/RESULTS.md (between this benchmark's markers) and
 bench/clutrr_accuracy_vs_k.png. Model sizes and steps are chosen for a shared 2-core CPU; see RESULTS.md. The
@@ -134,59 +137,159 @@ def student_overrides(variant: str, kd_alpha: float = 1.0, kd_tau: float = 2.0, 
     return overrides
 
 
+def job_configs(dataset: str, seed: int, teacher_steps: int, student_steps: int, teacher_dir: str,
+                kd_alpha: float = 1.0, kd_tau: float = 2.0, beta: float = 0.5, early_stopping: bool = False,
+                eval_every: int = 250, patience: int = 4, student: str = "bilstm",
+                student_settings: Sequence[str] = ()) -> dict:
+    """{model: ConfigDict} of one job: the teacher and the three student arms (`VARIANTS`), as `run_job` trains
+    them; the students distil from the teacher in `teacher_dir`."""
+    if student not in STUDENTS:
+        raise ValueError(f"student={student!r} is not one of {list(STUDENTS)}")
+    from jaxalign.configs.base import load_config
+    data = f"data_root={DATA_ROOT},dataset={dataset}"     # the released zip and its *_train.csv member
+    base = [f"seed={seed}"]
+    if dataset != GENERALISATION:
+        base.append("data.eval_max_length=160")   # k = 3 test stories stay well below 160 tokens
+    configs = {"teacher": load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_teacher.py:{data}"),
+                                      base + [f"steps={teacher_steps}", *validation_overrides(early_stopping)])}
+    for variant in VARIANTS:
+        configs[variant] = load_config(
+            os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant},student={student},{data}"),
+            base + [f"steps={student_steps}", f"distill.teacher_workdir={teacher_dir}",
+                    *student_overrides(variant, kd_alpha, kd_tau, beta, early_stopping, eval_every, patience),
+                    *student_settings])
+    return configs
+
+
 def run_job(dataset: str, seed: int, out: str, teacher_steps: int, student_steps: int, kd_alpha: float = 1.0,
             kd_tau: float = 2.0, beta: float = 0.5, early_stopping: bool = False, eval_every: int = 250,
             patience: int = 4, student: str = "bilstm", student_settings: Sequence[str] = (),
             teacher_from: str | None = None) -> dict:
     """Teacher + three students on one data set and seed; returns and writes the job summary.
 
-    The loss weights and early-stopping settings are those of `student_overrides` (and `validation_overrides` for
-    the teacher); with early stopping `student_steps` is the students' upper limit. `student` picks the student
-    (`STUDENTS`) and `student_settings` are further config overrides of all three students ('batch_size=16').
-    `teacher_from` reuses the teacher of the same data set and seed in a finished job folder of another run (its
-    summary.json), so that students of several kinds learn from the very same teacher and pair by seed.
+    The configs are `job_configs`: the loss weights and early-stopping settings of `student_overrides` (and
+    `validation_overrides` for the teacher); with early stopping `student_steps` is the students' upper limit.
+    `student` picks the student (`STUDENTS`) and `student_settings` are further config overrides of all three
+    students ('batch_size=16'). `teacher_from` reuses the teacher of the same data set and seed in a finished job
+    folder of another run (its summary.json), so that students of several kinds learn from the very same teacher
+    and pair by seed.
     """
-    if student not in STUDENTS:
-        raise ValueError(f"student={student!r} is not one of {list(STUDENTS)}")
     import logging
     logging.basicConfig(level=logging.WARNING)
-    from jaxalign.configs.base import load_config
     from jaxalign.programs import clutrr_trainer as trainer
 
     started = time.time()
     job_dir = os.path.join(out, dataset, f"seed{seed}")
-    data = f"data_root={DATA_ROOT},dataset={dataset}"     # the released zip and its *_train.csv member
-    base = [f"seed={seed}"]
-    if dataset != GENERALISATION:
-        base.append("data.eval_max_length=160")   # k = 3 test stories stay well below 160 tokens
-    teacher_config = load_config(os.path.join(ROOT, f"jaxalign/configs/clutrr_teacher.py:{data}"),
-                                 base + [f"steps={teacher_steps}", *validation_overrides(early_stopping)])
-    rows = trainer.read_rows(teacher_config.data.train)
+    teacher_dir = (os.path.join(teacher_from, dataset, f"seed{seed}", "teacher") if teacher_from
+                   else os.path.join(job_dir, "teacher"))
+    configs = job_configs(dataset, seed, teacher_steps, student_steps, teacher_dir, kd_alpha, kd_tau, beta,
+                          early_stopping, eval_every, patience, student, student_settings)
+    rows = trainer.read_rows(configs["teacher"].data.train)
     summary: dict = {"dataset": dataset, "seed": seed, "train_rows": len(rows), "teacher_steps": teacher_steps,
-                     "student_steps": student_steps, "models": {}, "configs": {"teacher": teacher_config.to_dict()}}
+                     "student_steps": student_steps, "models": {},
+                     "configs": {name: config.to_dict() for name, config in configs.items()}}
 
     if teacher_from:
         teacher_dir, summary["models"]["teacher"], summary["configs"]["teacher"] = reused_teacher(
-            teacher_from, dataset, seed, teacher_config.to_dict())
+            teacher_from, dataset, seed, configs["teacher"].to_dict())
         summary["teacher_from"] = os.path.abspath(teacher_from)
     else:
-        teacher_dir = os.path.join(job_dir, "teacher")
-        summary["models"]["teacher"] = _train_teacher(teacher_config, teacher_dir, rows)
+        summary["models"]["teacher"] = _train_teacher(configs["teacher"], teacher_dir, rows)
 
     for variant in VARIANTS:
-        config = load_config(
-            os.path.join(ROOT, f"jaxalign/configs/clutrr_distill.py:variant={variant},student={student},{data}"),
-            base + [f"steps={student_steps}", f"distill.teacher_workdir={teacher_dir}",
-                    *student_overrides(variant, kd_alpha, kd_tau, beta, early_stopping, eval_every, patience),
-                    *student_settings])
-        summary["configs"][variant] = config.to_dict()
-        trained = trainer.train_student(config, os.path.join(job_dir, variant), rows=rows)
+        trained = trainer.train_student(configs[variant], os.path.join(job_dir, variant), rows=rows)
         summary["models"][variant] = _model_summary(trained)
     summary["wall_seconds"] = time.time() - started
     os.makedirs(job_dir, exist_ok=True)
     with open(os.path.join(job_dir, "summary.json"), "w", encoding="utf-8") as stream:
         json.dump(summary, stream, indent=1)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- archive
+# runs/ is git-ignored and goes with the machine; a finished job's summary.json (its results and the configs it
+# ran, some tens of KB) is also copied to a tracked folder, bench/jobs/<section>/, so that a later run on another
+# machine reuses it (adding seeds to it) and --report-only rebuilds the report from it.
+
+
+def archive_folder(section: str = DEFAULT_SECTION) -> str:
+    """The tracked folder that keeps the finished job summaries of a RESULTS.md section."""
+    return os.path.join(ROOT, "bench", "jobs", section)
+
+
+def _archived_path(archive: str, dataset: str, seed: int) -> str:
+    return os.path.join(archive, f"{dataset}_seed{seed}.json")
+
+
+def _summary_path(out: str, dataset: str, seed: int) -> str:
+    return os.path.join(out, dataset, f"seed{seed}", "summary.json")
+
+
+def comparable_config(config: dict) -> dict:
+    """A job's config dict without what differs between machines and run folders: the data files keep their
+    names (content-hashed: data_7c5b0e70.zip) without their folder, and the teacher's folder is left out."""
+    comparable = json.loads(json.dumps(config))
+    data = comparable.get("data", {})
+    if isinstance(data.get("train"), str):
+        data["train"] = os.path.basename(data["train"])
+    if isinstance(data.get("test"), list):
+        data["test"] = [os.path.basename(path) for path in data["test"]]
+    comparable.get("distill", {}).pop("teacher_workdir", None)
+    return comparable
+
+
+def archive_jobs(out: str, archive: str) -> int:
+    """Copies every finished job summary under `out` into `archive`; returns how many were new or changed."""
+    copied = 0
+    for group in _load_summaries(out).values():
+        for summary in group:
+            source = _summary_path(out, summary["dataset"], summary["seed"])
+            target = _archived_path(archive, summary["dataset"], summary["seed"])
+            text = open(source, encoding="utf-8").read()
+            if not os.path.exists(target) or open(target, encoding="utf-8").read() != text:
+                os.makedirs(archive, exist_ok=True)
+                with open(target, "w", encoding="utf-8") as stream:
+                    stream.write(text)
+                copied += 1
+    return copied
+
+
+def restore_job(archive: str, out: str, dataset: str, seed: int, wanted: dict | None = None) -> bool:
+    """Copies the archived summary of (dataset, seed) into `out` when `out` has none; True when it did.
+
+    `wanted` ({model: config dict} this run would train) guards against mixing settings: an archived job that ran
+    other configs raises ValueError naming the file and the differing fields.
+    """
+    source, target = _archived_path(archive, dataset, seed), _summary_path(out, dataset, seed)
+    if os.path.exists(target) or not os.path.exists(source):
+        return False
+    with open(source, encoding="utf-8") as stream:
+        summary = json.load(stream)
+    if wanted is not None:
+        recorded = summary.get("configs", {})
+        differing = sorted({f"{model}.{field}" for model in sorted(set(wanted) | set(recorded))
+                            for field in _differing_fields(comparable_config(recorded.get(model, {})),
+                                                           comparable_config(wanted.get(model, {})))})
+        if differing:
+            raise ValueError(f"{source} ran other settings than this run ({', '.join(differing[:8])}"
+                             f"{', ...' if len(differing) > 8 else ''}): give this run its own --section, or "
+                             "move that file away to retrain the job")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "w", encoding="utf-8") as stream:
+        json.dump(summary, stream, indent=1)
+    return True
+
+
+def archived_jobs(archive: str) -> list[tuple[str, int]]:
+    """(dataset, seed) of every job summary kept in `archive`."""
+    if not os.path.isdir(archive):
+        return []
+    jobs = []
+    for name in sorted(os.listdir(archive)):
+        dataset, _, seed = name.removesuffix(".json").rpartition("_seed")
+        if name.endswith(".json") and dataset and seed.isdigit():
+            jobs.append((dataset, int(seed)))
+    return jobs
 
 
 def _train_teacher(config, workdir: str, rows) -> dict:
@@ -225,7 +328,12 @@ def reused_teacher(teacher_from: str, dataset: str, seed: int, wanted_config: di
     if differing:
         raise ValueError(f"the teacher in {os.path.dirname(path)} ran another config than this run's teacher "
                          f"({', '.join(differing)}); give the same --teacher-steps / --early-stopping")
-    return os.path.join(os.path.dirname(path), "teacher"), job["models"]["teacher"], recorded
+    folder = os.path.join(os.path.dirname(path), "teacher")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--teacher-from {teacher_from}: {folder} not found (a summary restored from "
+                                "bench/jobs/ keeps results, not the teacher's checkpoint); train this run's teachers "
+                                "without --teacher-from")
+    return folder, job["models"]["teacher"], recorded
 
 
 def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -704,7 +812,13 @@ def main() -> int:
     parser.add_argument("--section", default=DEFAULT_SECTION,
                         help=f"RESULTS.md section (and plot bench/<section>_accuracy_vs_k.png) the report goes to "
                              f"(default {DEFAULT_SECTION}); give each student or study its own")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plot")
+    parser.add_argument("--archive", metavar="DIR",
+                        help="tracked folder that keeps each finished job's summary.json (default "
+                             "bench/jobs/<section>); jobs kept there are reused by a run into an --out folder that "
+                             "lacks them (when they ran this run's settings) and by --report-only")
+    parser.add_argument("--no-archive", action="store_true", help="neither reuse nor keep job summaries in --archive")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild RESULTS.md and the plot from the finished jobs (--out and --archive)")
     parser.add_argument("--job", nargs=2, metavar=("DATASET", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -714,6 +828,11 @@ def main() -> int:
         return 0
 
     started = time.time()
+    archive = None if args.no_archive else (args.archive or archive_folder(args.section))
+    if args.report_only and archive:
+        restored = sum(restore_job(archive, args.out, dataset, seed) for dataset, seed in archived_jobs(archive))
+        if restored:
+            print(f"{restored} finished job(s) read from {archive}", flush=True)
     if not args.report_only:
         missing = [d for d in args.datasets.split(",") if not os.path.exists(_zip(d))]
         if missing:
@@ -721,7 +840,15 @@ def main() -> int:
                   f"../shared/data/clutrr beside the repository)", file=sys.stderr)
             return 2
         jobs = [(d, int(s)) for s in args.seeds.split(",") for d in args.datasets.split(",")]
-        jobs = [j for j in jobs if not os.path.exists(os.path.join(args.out, j[0], f"seed{j[1]}", "summary.json"))]
+        if archive:
+            restored = [job for job in jobs if restore_job(archive, args.out, *job, wanted={
+                model: config.to_dict() for model, config in job_configs(
+                    *job, args.teacher_steps, args.student_steps, "", args.kd_alpha, args.kd_tau, args.beta,
+                    args.early_stopping, args.eval_every, args.patience, args.student, args.student_set).items()})]
+            if restored:
+                print(f"reusing {len(restored)} finished job(s) kept in {archive}: "
+                      f"{', '.join(f'{d} seed {s}' for d, s in restored)}", flush=True)
+        jobs = [j for j in jobs if not os.path.exists(_summary_path(args.out, *j))]
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
                    JAX_COMPILATION_CACHE_DIR=os.path.join(args.out, "jax_cache"),
@@ -745,12 +872,17 @@ def main() -> int:
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             print(f"[{time.strftime('%H:%M:%S')}] {dataset} seed {seed}: exit {code} in "
                   f"{time.time() - job_started:.0f} s (log {log_path})", flush=True)
+            if archive and code == 0:
+                archive_jobs(args.out, archive)
             return code
 
         with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
             codes = list(pool.map(launch, jobs))
         if any(codes):
             print(f"{sum(1 for c in codes if c)} job(s) failed; see their logs", flush=True)
+        if archive:
+            archive_jobs(args.out, archive)
+            print(f"finished job summaries kept in {archive} (commit them with the report)", flush=True)
     wall_file = os.path.join(args.out, "wall_seconds.json")
     if args.report_only:   # the wall time of the run that made the jobs, when it recorded one
         wall = json.load(open(wall_file, encoding="utf-8")) if os.path.exists(wall_file) else None

@@ -302,6 +302,7 @@ def test_a_reused_teacher_must_come_from_a_finished_job_that_ran_the_same_teache
         bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3, _teacher_config())
     configs = _configs(teacher_overrides=bench.validation_overrides(True))
     _write_job(tmp_path, bench.GENERALISATION, 3, _accuracies(1.0, 0.9), configs=configs)
+    (tmp_path / bench.GENERALISATION / "seed3" / "teacher").mkdir()
     folder, model, config = bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3,
                                                  _teacher_config(bench.validation_overrides(True)))
     assert folder == str(tmp_path / bench.GENERALISATION / "seed3" / "teacher")
@@ -354,3 +355,61 @@ def test_the_report_gives_the_best_validation_accuracy_with_paired_differences_a
     assert line.endswith(": BiLSTM alone 0.810 ± 0.008; BiLSTM + KD 0.840 ± 0.008 (+0.030 ± 0.006*); "
                          "BiLSTM + KD + contrastive 0.810 ± 0.008 (+0.000 ± 0.000).")
     assert "last invocation: 10.0 min" in report and "3 jobs, 6 min in all, 1.0-3.0 min each." in report
+
+
+def _job_configs(seed=0, **overrides) -> dict:
+    """{model: config dict} `run_job` would train for a robustness-set job (the real config files)."""
+    settings = dict(teacher_steps=1500, student_steps=4000, teacher_dir="runs/x/teacher", kd_alpha=0.1, kd_tau=4.0,
+                    beta=1.0, early_stopping=True)
+    settings.update(overrides)
+    return {model: config.to_dict()
+            for model, config in bench.job_configs("data_7c5b0e70", seed, **settings).items()}
+
+
+def test_a_finished_job_is_kept_in_the_archive_and_restored_into_an_empty_out_folder(tmp_path):
+    configs = _job_configs()
+    _write_job(tmp_path / "first", "data_7c5b0e70", 0, _accuracies(1.0, 0.9), configs=configs)
+    archive = tmp_path / "archive"
+    assert bench.archive_jobs(str(tmp_path / "first"), str(archive)) == 1
+    assert bench.archive_jobs(str(tmp_path / "first"), str(archive)) == 0      # unchanged: nothing copied again
+    assert bench.archived_jobs(str(archive)) == [("data_7c5b0e70", 0)]
+    # Another machine: another data root and run folder, the same settings -> restored and reported.
+    elsewhere = json.loads(json.dumps(_job_configs(teacher_dir="/elsewhere/runs/y/teacher")))
+    for config in elsewhere.values():
+        config["data"]["train"] = config["data"]["train"].replace(bench.DATA_ROOT, "/other/machine/clutrr")
+    assert bench.restore_job(str(archive), str(tmp_path / "second"), "data_7c5b0e70", 0, wanted=elsewhere)
+    assert not bench.restore_job(str(archive), str(tmp_path / "second"), "data_7c5b0e70", 0, wanted=elsewhere)
+    assert not bench.restore_job(str(archive), str(tmp_path / "second"), "data_7c5b0e70", 1)   # never archived
+    restored = json.loads((tmp_path / "second" / "data_7c5b0e70" / "seed0" / "summary.json").read_text())
+    assert restored["models"]["alone"]["accuracy"] == {"1.2_test.csv": 1.0, "1.3_test.csv": 0.9}
+    assert bench.build_report(str(tmp_path / "second"), None) == bench.build_report(str(tmp_path / "first"), None)
+
+
+def test_an_archived_job_that_ran_other_settings_is_refused_naming_the_fields(tmp_path):
+    _write_job(tmp_path / "first", "data_7c5b0e70", 0, _accuracies(1.0, 0.9), configs=_job_configs())
+    bench.archive_jobs(str(tmp_path / "first"), str(tmp_path / "archive"))
+    with pytest.raises(ValueError, match=r"data_7c5b0e70_seed0.json ran other settings than this run "
+                                         r"\(kd.distill.tau, kd_contrastive.distill.tau\)"):
+        bench.restore_job(str(tmp_path / "archive"), str(tmp_path / "second"), "data_7c5b0e70", 0,
+                          wanted=_job_configs(kd_tau=2.0))
+    assert not (tmp_path / "second" / "data_7c5b0e70").exists()
+
+
+def test_job_configs_are_the_configs_run_job_records(tmp_path, monkeypatch):
+    from jaxalign.programs import clutrr_trainer
+    monkeypatch.setattr(clutrr_trainer, "read_rows", lambda path: ["row"] * 3)
+    monkeypatch.setattr(clutrr_trainer, "train_student", lambda config, workdir, rows=None: {
+        "test_accuracy": {}, "train_seconds": 1.0, "final_metrics": {}, "test": {}})
+    monkeypatch.setattr(bench, "_train_teacher", lambda config, workdir, rows: {"accuracy": {}})
+    summary = bench.run_job("data_7c5b0e70", 0, str(tmp_path), 1500, 4000, kd_alpha=0.1, kd_tau=4.0, beta=1.0,
+                            early_stopping=True)
+    expected = _job_configs(teacher_dir=os.path.join(str(tmp_path), "data_7c5b0e70", "seed0", "teacher"))
+    assert json.loads(json.dumps(summary["configs"])) == json.loads(json.dumps(expected))
+    assert summary["configs"]["kd"]["distill"]["tau"] == 4.0 and summary["configs"]["alone"]["distill"]["alpha"] == 0
+
+
+def test_a_reused_teacher_needs_its_checkpoint_folder_not_only_its_summary(tmp_path):
+    configs = _configs(teacher_overrides=bench.validation_overrides(True))
+    _write_job(tmp_path, bench.GENERALISATION, 3, _accuracies(1.0, 0.9), configs=configs)   # no teacher/ folder
+    with pytest.raises(FileNotFoundError, match=r"seed3/teacher not found \(a summary restored from bench/jobs/"):
+        bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3, _teacher_config(bench.validation_overrides(True)))
