@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -79,6 +80,29 @@ def cell_errors(results: dict) -> dict:
             values = [run["per_type"].get(kind) for run in results["runs"] if run["name"] == name]
             errors[name][kind] = seed_stats.summarise(values)["se"]
     return errors
+
+
+def seeds_needed(se: float, seeds: int, target: float = TARGET_SE) -> int:
+    """Seeds a cell needs for an SE of at most `target` at the seed-to-seed spread it showed over `seeds` seeds:
+    SE = std / sqrt(S), so S' = S (SE / target)^2 (an estimate: the spread itself is measured on S seeds)."""
+    return max(seeds, math.ceil(seeds * (se / target) ** 2 - 1e-9))
+
+
+def target_line(results: dict) -> str | None:
+    """The seeds each cell above the SE target would need, and the stage-2 compute that would take on this machine
+    (every further seed trains every run of the study: the most demanding cell sets the count)."""
+    seeds = len(results["seeds"])
+    needed = {f"{name} {TYPE_HEADERS[kind]}": seeds_needed(se, seeds)
+              for name, row in cell_errors(results).items() for kind, se in row.items()
+              if se is not None and se > TARGET_SE}
+    if not needed or seeds < 2:
+        return None
+    stage2 = [run["seconds"].get("stage2") for run in results["runs"] if run["seconds"].get("stage2")]
+    further_runs = (max(needed.values()) - seeds) * len(results["mean"])
+    cost = (f"; at this run's {sum(stage2) / len(stage2):.0f} s per stage-2 run that is {further_runs} runs more, "
+            f"about {further_runs * sum(stage2) / len(stage2) / 3600:.1f} h" if stage2 else "")
+    return (f"Seeds the other cells would need at the spread measured here (S (SE / {TARGET_SE})^2): "
+            + ", ".join(f"{cell} {count}" for cell, count in needed.items()) + cost + ".")
 
 
 def facts_line(by_k: dict[int, dict]) -> str:
@@ -177,6 +201,8 @@ def k_report(k: int, results: dict, plot: str | None) -> list[str]:
         lines += ["", "What the retrieved values carry:", ""] + precision
     lines += ["", f"Colour / shape cells with a standard error of the mean at most {TARGET_SE}: {met} of {len(errors)} "
               f"(largest {max(errors):.3f})." if errors else "Standard errors: not measured (one seed)."]
+    if needed := target_line(results):
+        lines += ["", needed]
     lines += ["", "The paper's claims as the demo words them:", ""] + [f"- {claim}" for claim in results["claims"]]
     if plot:
         lines += ["", f"![accuracy per question type, k = {k}]({os.path.basename(plot)})"]

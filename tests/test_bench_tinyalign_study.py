@@ -55,6 +55,12 @@ def test_study_reports_the_standard_error_of_each_colour_and_shape_cell():
     assert study.parse_args(["--out", "x"]).k == "1,3,10"
 
 
+def test_seeds_needed_scale_with_the_squared_ratio_of_the_standard_error_to_the_target():
+    study = _study()
+    assert study.seeds_needed(0.04, 8) == 32 and study.seeds_needed(0.01, 8) == 8
+    assert study.seeds_needed(0.094, 8) == 177     # 8 (0.094 / 0.02)^2 = 176.7
+
+
 def test_report_tables_hold_the_hand_computed_means_standard_errors_and_paired_differences(tmp_path):
     study = _study()
     results = _results()
@@ -76,6 +82,9 @@ def test_report_tables_hold_the_hand_computed_means_standard_errors_and_paired_d
     assert "- tinyalign 100% (seed 0; colour / shape): test 0.999 / 0.994" in lines
     # Six colour / shape cells: the three colour ones (SE 0) meet 0.02, the shape ones (SE 0.058) do not.
     assert "at most 0.02: 3 of 6 (largest 0.058)." in report
+    # Each shape cell: 3 (0.0577 / 0.02)^2 = 25 seeds; 22 more seeds x 3 runs x 30 s = 66 runs, 0.55 h.
+    assert ("(S (SE / 0.02)^2): baseline 100% shape 25, tinyalign 100% shape 25, constant 100% shape 25; at this "
+            "run's 30 s per stage-2 run that is 66 runs more, about 0.6 h.") in report
     assert "600 steps at 100%" in report and "towers abc" in report and "took 4.5 min" in report  # 9 runs x 30 s
     assert "![accuracy per question type, k = 3](study_k3_accuracy.png)" in lines
 
