@@ -216,8 +216,27 @@ def test_robustness_sets_get_a_paired_table_at_k3_per_test_noise(tmp_path):
         _write_job(tmp_path, dataset, seed, accuracy)
     report = bench.build_report(str(tmp_path), None)
     # supporting at k = 3: differences 0.1, 0.2 -> mean 0.15, sample std 0.0707, SE 0.05: beyond 2 SE (0.1).
-    assert (_paired_row(report, f"{bench.PAIRED_TITLE}, test k = 3:", f"supporting ({dataset}, 2 seeds): BiLSTM + KD")
-            == f"| supporting ({dataset}, 2 seeds): BiLSTM + KD | +0.000 ± 0.000 | +0.150 ± 0.050* | - | - |")
+    # Mean of the two k = 3 files: differences 0.05, 0.10 -> mean 0.075, SE 0.025 (star); own-noise k = 2: none.
+    title = f"{bench.PAIRED_TITLE}, test k = 3 per test noise, their mean, and the own-noise k = 2 file:"
+    assert (_paired_row(report, title, f"supporting ({dataset}, 2 seeds): BiLSTM + KD")
+            == f"| supporting ({dataset}, 2 seeds): BiLSTM + KD | +0.000 ± 0.000 | +0.150 ± 0.050* | - | - "
+               "| +0.075 ± 0.025* | +0.000 ± 0.000 |")
+
+
+def test_the_robustness_paired_table_has_no_k2_cell_for_a_set_without_a_k2_file(tmp_path):
+    dataset = "data_523348e6"
+    for seed, gain in enumerate((0.0, 0.2, 0.1)):
+        files = {"1.3_test.csv": 0.5, "3.3_test.csv": 0.4}
+        accuracy = {name: dict(files) for name in ("teacher", *bench.VARIANTS)}
+        accuracy["kd_contrastive"]["3.3_test.csv"] -= gain
+        _write_job(tmp_path, dataset, seed, accuracy)
+    report = bench.build_report(str(tmp_path), None)
+    # irrelevant at k = 3: -0.0, -0.2, -0.1 -> mean -0.1, sample std 0.1, SE 0.0577 (no star); the mean of the two
+    # files halves both: -0.050 ± 0.029.
+    title = f"{bench.PAIRED_TITLE}, test k = 3 per test noise, their mean, and the own-noise k = 2 file:"
+    assert (_paired_row(report, title, f"irrelevant ({dataset}, 3 seeds): BiLSTM + KD + contrastive")
+            == f"| irrelevant ({dataset}, 3 seeds): BiLSTM + KD + contrastive | +0.000 ± 0.000 | - "
+               "| -0.100 ± 0.058 | - | -0.050 ± 0.029 | - |")
 
 
 def test_early_stopping_shows_in_the_settings_and_the_best_and_stopped_steps(tmp_path):
@@ -413,3 +432,23 @@ def test_a_reused_teacher_needs_its_checkpoint_folder_not_only_its_summary(tmp_p
     _write_job(tmp_path, bench.GENERALISATION, 3, _accuracies(1.0, 0.9), configs=configs)   # no teacher/ folder
     with pytest.raises(FileNotFoundError, match=r"seed3/teacher not found \(a summary restored from bench/jobs/"):
         bench.reused_teacher(str(tmp_path), bench.GENERALISATION, 3, _teacher_config(bench.validation_overrides(True)))
+
+
+def test_a_robustness_only_report_links_the_robustness_plot_which_is_written_and_not_the_k_plot(tmp_path):
+    files = {"1.3_test.csv": 0.5, "2.3_test.csv": 0.6, "2.2_test.csv": 0.7}
+    for seed in range(2):
+        _write_job(tmp_path / "jobs", "data_06b8f2a1", seed, {name: dict(files) for name in ("teacher", *bench.VARIANTS)})
+    report = bench.build_report(str(tmp_path / "jobs"), None, section="robust")
+    assert "(robust_robustness.png)" in report and "accuracy_vs_k.png" not in report
+    bench.plot(str(tmp_path / "jobs"), str(tmp_path / "k.png"))
+    bench.plot_robustness(str(tmp_path / "jobs"), str(tmp_path / "robust.png"))
+    assert not (tmp_path / "k.png").exists()
+    assert (tmp_path / "robust.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_generalisation_only_report_links_the_k_plot_only(tmp_path):
+    _write_job(tmp_path / "jobs", bench.GENERALISATION, 0, _accuracies(1.0, 0.9))
+    report = bench.build_report(str(tmp_path / "jobs"), None)
+    assert f"({bench.plot_name()})" in report and "robustness.png" not in report
+    bench.plot_robustness(str(tmp_path / "jobs"), str(tmp_path / "robust.png"))
+    assert not (tmp_path / "robust.png").exists()
