@@ -275,7 +275,7 @@ def restore_job(archive: str, out: str, dataset: str, seed: int, wanted: dict | 
     if wanted is not None:
         recorded = summary.get("configs", {})
         differing = sorted({f"{model}.{field}" for model in sorted(set(wanted) | set(recorded))
-                            for field in _differing_fields(comparable_config(recorded.get(model, {})),
+                            for field in differing_fields(comparable_config(recorded.get(model, {})),
                                                            comparable_config(wanted.get(model, {})))})
         if differing:
             raise ValueError(f"{source} ran other settings than this run ({', '.join(differing[:8])}"
@@ -331,7 +331,7 @@ def reused_teacher(teacher_from: str, dataset: str, seed: int, wanted_config: di
     recorded = job.get("configs", {}).get("teacher")
     if recorded is None:
         raise ValueError(f"{path} records no teacher config, so its teacher cannot be checked against this run's")
-    differing = _differing_fields(recorded, json.loads(json.dumps(wanted_config)))   # tuples as JSON lists
+    differing = differing_fields(recorded, json.loads(json.dumps(wanted_config)))   # tuples as JSON lists
     if differing:
         raise ValueError(f"the teacher in {os.path.dirname(path)} ran another config than this run's teacher "
                          f"({', '.join(differing)}); give the same --teacher-steps / --early-stopping")
@@ -343,13 +343,13 @@ def reused_teacher(teacher_from: str, dataset: str, seed: int, wanted_config: di
     return folder, job["models"]["teacher"], recorded
 
 
-def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted names of the fields where two nested config dicts differ."""
     fields = []
     for key in sorted(set(a) | set(b)):
         name, left, right = f"{prefix}{key}", a.get(key), b.get(key)
         if isinstance(left, dict) and isinstance(right, dict):
-            fields += _differing_fields(left, right, f"{name}.")
+            fields += differing_fields(left, right, f"{name}.")
         elif left != right:
             fields.append(name)
     return fields

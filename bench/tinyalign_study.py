@@ -9,7 +9,11 @@ standard error of at most 0.02 on a colour or shape cell.
 
 Each k is one `jaxalign.programs.demo.run_all` (the demo's runs: towers, stage 1 per method, stage 2 per seed at
 100% and 40% of the data) with the methods baseline, tinyalign, shuffle_within_group, oracle and constant; runs
-already finished in --out are reused, so the study can be stopped and continued. It prints, per k, the mean ±
+already finished in --out are reused, so the study can be stopped and continued. Each finished run's summary (its
+numbers, not its checkpoints) is also kept in bench/jobs/<section>/k<k>/, tracked by git, since runs/ goes with the
+machine: a later invocation at the same settings skips the runs kept there, and the report pools every kept run of
+the section, so seeds (also those of single cells: `--methods tinyalign,oracle --fractions 0.4 --seeds 8,9,...`)
+accumulate session by session; `--report-only` rebuilds the report from the kept runs alone. It prints, per k, the mean ±
 std over seeds of every run, the paired differences with their standard errors (`*` beyond twice it), the
 retrieval precision of the values the LM reads, and the standard error of each colour / shape cell mean against
 the 0.02 target, and writes <out>/study.json. The same report, as markdown with the paired comparisons of every
@@ -37,7 +41,7 @@ BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
-from clutrr_distill import markers, write_results  # noqa: E402  (a sibling script: the RESULTS.md section writer)
+from clutrr_distill import differing_fields, markers, write_results  # noqa: E402  (a sibling script)
 from jaxalign.evaluate import seed_stats  # noqa: E402
 from jaxalign.programs import demo, startup  # noqa: E402
 
@@ -68,7 +72,135 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "of its plots bench/SECTION_k<k>_accuracy.png (default tinyalign_study)")
     parser.add_argument("--no-results", action="store_true", help="print the report only; leave bench/RESULTS.md "
                                                                   "and the plots alone")
-    return parser.parse_args(argv)
+    parser.add_argument("--archive", default=None,
+                        help="folder of the kept run summaries (default bench/jobs/SECTION): runs kept there at the "
+                             "same settings are not rerun, and the report pools all of them")
+    parser.add_argument("--no-archive", action="store_true", help="neither read nor keep run summaries: the report "
+                                                                  "holds this invocation's runs only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild the report of --k from the kept runs of the section")
+    args = parser.parse_args(argv)
+    if args.report_only and args.no_archive:
+        parser.error("--report-only reads the kept runs: it cannot go with --no-archive")
+    return args
+
+
+# ================================================================================================ kept runs
+# The fields of a run summary the report reads (the loss curves and generated examples stay in --out: kept for
+# every run of a many-seed study they would weigh megabytes in git).
+KEPT_FIELDS = ("name", "method", "control", "fraction", "seed", "train_questions", "steps", "final_train_loss",
+               "mean_train_loss", "eval_loss", "accuracy", "eval_questions", "per_type", "retrieval_precision",
+               "stage1_final_train_loss", "seconds", "skipped")
+
+
+def archive_folder(section: str) -> str:
+    return os.path.join(BENCH, "jobs", section)
+
+
+# Settings that only say which runs an invocation asks for (a run's own config reads its seed, method and fraction,
+# never the others'), so runs asked for by different invocations pool.
+RUN_SELECTION = ("seeds", "methods", "fractions")
+
+
+def comparable_settings(settings: demo.DemoSettings | dict) -> dict:
+    """What two runs of one cell must share to be pooled: every demo setting but `RUN_SELECTION`."""
+    if isinstance(settings, demo.DemoSettings):
+        settings = dataclasses.asdict(settings)
+    return {key: value for key, value in json.loads(json.dumps(settings)).items() if key not in RUN_SELECTION}
+
+
+def kept_run_path(archive: str, k: int, name: str, seed: int) -> str:
+    """bench/jobs/<section>/k3/tinyalign_40_seed5.json for the run 'tinyalign 40%' of seed 5 at k = 3."""
+    return os.path.join(archive, f"k{k}", f"{name.replace('%', '').replace(' ', '_')}_seed{seed}.json")
+
+
+def keep_runs(archive: str, k: int, settings: demo.DemoSettings, results: dict) -> int:
+    """Writes each run of run_all's `results` to the archive (atomically: a parallel invocation may read it) with
+    the settings it ran, its seed's question-only prior and the machine; returns how many it wrote."""
+    for run in results["runs"]:
+        path = kept_run_path(archive, k, run["name"], run["seed"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        record = {"settings": comparable_settings(settings), "run": {key: run.get(key) for key in KEPT_FIELDS},
+                  "question_prior": (results.get("question_prior") or {}).get(run["seed"]),
+                  "environment": results.get("environment"),
+                  "towers_fingerprint": ((results.get("towers") or {}).get("manifest") or {}).get("fingerprint")}
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+    return len(results["runs"])
+
+
+def _field(settings: dict, dotted: str):
+    for part in dotted.split("."):
+        settings = settings.get(part) if isinstance(settings, dict) else None
+    return settings
+
+
+def kept_runs(archive: str, k: int, settings: demo.DemoSettings) -> list[dict]:
+    """The records kept for k, all at `settings` (seeds and methods aside); a record at other settings is an error
+    naming its file and the fields, since pooling it would mix two studies (give another --section)."""
+    folder = os.path.join(archive, f"k{k}")
+    wanted = comparable_settings(settings)
+    records = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            record = json.load(f)
+        kept = comparable_settings(record["settings"])
+        if kept != wanted:
+            raise ValueError(f"{os.path.join(folder, name)} ran other settings: "
+                             + "; ".join(f"{field} ({_field(kept, field)!r} kept, {_field(wanted, field)!r} now)"
+                                         for field in differing_fields(kept, wanted))
+                             + "; pool it with a study of those "
+                             "settings, or give this one another --section")
+        records.append(record)
+    return records
+
+
+def pooled_results(records: list[dict], settings: demo.DemoSettings) -> dict:
+    """run_all-shaped results over every kept run: the runs in the study's method and fraction order, each seed's
+    question-only prior, and `demo.aggregate` over the union of their seeds (a difference pairs the seeds both of
+    its runs have)."""
+    order = {method: index for index, method in enumerate(STUDY_METHODS)}
+    runs = sorted((record["run"] for record in records),
+                  key=lambda run: (order.get(run["method"], len(order)), -run["fraction"], run["seed"]))
+    seeds = sorted({run["seed"] for run in runs})
+    priors = {record["run"]["seed"]: record["question_prior"] for record in records if record.get("question_prior")}
+    pooled = dataclasses.replace(settings, seeds=tuple(seeds),
+                                 methods=tuple(dict.fromkeys(run["method"] for run in runs)),
+                                 fractions=tuple(sorted({run["fraction"] for run in runs}, reverse=True)))
+    last = records[-1] if records else {}
+    return {"settings": dataclasses.asdict(pooled), "seeds": seeds, "runs": runs, "question_prior": priors,
+            "environment": last.get("environment") or {},
+            "towers": {"manifest": {"fingerprint": last.get("towers_fingerprint", "?")}},
+            **demo.aggregate(runs, pooled, priors)}
+
+
+def run_study_k(args: argparse.Namespace, k: int, settings: demo.DemoSettings) -> dict:
+    """The results of one k: without an archive, run_all as asked; with one, run_all seed by seed for the methods
+    whose runs of that seed are not kept yet (each seed kept as soon as it finishes), then the pool of all kept
+    runs."""
+    out = os.path.join(args.out, f"k{k}")
+    if args.no_archive:
+        return demo.run_all(out, settings, args.cache)
+    archive = args.archive or archive_folder(args.section)
+    records = kept_runs(archive, k, settings)
+    if not args.report_only:
+        have = {(record["run"]["method"], record["run"]["fraction"], record["run"]["seed"]) for record in records}
+        for seed in settings.seeds:
+            missing = tuple(method for method in settings.methods
+                            if any((method, fraction, seed) not in have for fraction in settings.fractions))
+            if not missing:
+                continue
+            print(f"\n######## k = {k}, seed {seed}: {', '.join(missing)}", flush=True)
+            results = demo.run_all(out, dataclasses.replace(settings, seeds=(seed,), methods=missing), args.cache)
+            keep_runs(archive, k, settings, results)
+        records = kept_runs(archive, k, settings)
+        print(f"{len(records)} run(s) of k = {k} kept in {archive}", flush=True)
+    if not records:
+        raise ValueError(f"no runs of k = {k} kept in {archive} at these settings: nothing to report")
+    return pooled_results(records, settings)
 
 
 def cell_errors(results: dict) -> dict:
@@ -88,21 +220,34 @@ def seeds_needed(se: float, seeds: int, target: float = TARGET_SE) -> int:
     return max(seeds, math.ceil(seeds * (se / target) ** 2 - 1e-9))
 
 
+def seed_counts(results: dict) -> dict[str, int]:
+    """{run name: seeds it has}: kept runs accumulate per arm, so arms may have different counts."""
+    counts: dict[str, int] = {}
+    for run in results["runs"]:
+        counts[run["name"]] = counts.get(run["name"], 0) + 1
+    return counts
+
+
 def target_line(results: dict) -> str | None:
     """The seeds each cell above the SE target would need, and the stage-2 compute that would take on this machine
-    (every further seed trains every run of the study: the most demanding cell sets the count)."""
-    seeds = len(results["seeds"])
-    needed = {f"{name} {TYPE_HEADERS[kind]}": seeds_needed(se, seeds)
+    (a run trains both of its cells, so each run name needs the larger of its colour and shape counts; the arms'
+    seeds can be added separately with --methods)."""
+    counts = seed_counts(results)
+    needed = {(name, kind): seeds_needed(se, counts[name])
               for name, row in cell_errors(results).items() for kind, se in row.items()
-              if se is not None and se > TARGET_SE}
-    if not needed or seeds < 2:
+              if se is not None and se > TARGET_SE and counts.get(name, 0) >= 2}
+    if not needed:
         return None
-    stage2 = [run["seconds"].get("stage2") for run in results["runs"] if run["seconds"].get("stage2")]
-    further_runs = (max(needed.values()) - seeds) * len(results["mean"])
-    cost = (f"; at this run's {sum(stage2) / len(stage2):.0f} s per stage-2 run that is {further_runs} runs more, "
-            f"about {further_runs * sum(stage2) / len(stage2) / 3600:.1f} h" if stage2 else "")
+    stage2 = [run["seconds"].get("stage2") for run in results["runs"] if (run.get("seconds") or {}).get("stage2")]
+    further = {name: max(count for (other, _), count in needed.items() if other == name) - counts[name]
+               for name, _ in needed}
+    further_runs = sum(further.values())
+    cost = (f"; at this study's {sum(stage2) / len(stage2):.0f} s per stage-2 run that is {further_runs} runs more "
+            f"({', '.join(f'{name} {count}' for name, count in further.items())}), about "
+            f"{further_runs * sum(stage2) / len(stage2) / 3600:.1f} h" if stage2 else "")
     return (f"Seeds the other cells would need at the spread measured here (S (SE / {TARGET_SE})^2): "
-            + ", ".join(f"{cell} {count}" for cell, count in needed.items()) + cost + ".")
+            + ", ".join(f"{name} {TYPE_HEADERS[kind]} {count}" for (name, kind), count in needed.items())
+            + cost + ".")
 
 
 def facts_line(by_k: dict[int, dict]) -> str:
@@ -138,18 +283,20 @@ def run_table(results: dict) -> list[str]:
     cell means (the study's 0.02 target), and the question-only prior."""
     mean, std, errors = results["mean"], results["std"], cell_errors(results)
     steps = {run["name"]: run["steps"] for run in results["runs"]}
-    lines = ["| run | steps | train loss | accuracy | " + " | ".join(TYPE_HEADERS.values()) + " | SE shape / colour |",
-             "|---|---|---|---|" + "---|" * len(TYPE_HEADERS) + "---|"]
+    counts = seed_counts(results)
+    lines = ["| run | steps | seeds | train loss | accuracy | " + " | ".join(TYPE_HEADERS.values())
+             + " | SE shape / colour |", "|---|---|---|---|---|" + "---|" * len(TYPE_HEADERS) + "---|"]
     for name in mean:
         cells = [_mean_std(mean[name][metric], std[name][metric])
                  for metric in ("final_train_loss", "accuracy", *(f"accuracy/{kind}" for kind in TYPE_HEADERS))]
         se = " / ".join("-" if errors[name][kind] is None else f"{errors[name][kind]:.3f}" for kind in ("shape", "color"))
-        lines.append(f"| {name} | {steps[name]} | " + " | ".join(cells) + f" | {se} |")
+        lines.append(f"| {name} | {steps[name]} | {counts[name]} | " + " | ".join(cells) + f" | {se} |")
     priors = list((results.get("question_prior") or {}).values())
     if priors:
         cells = [seed_stats.summarise([prior["accuracy"] for prior in priors])]
         cells += [seed_stats.summarise([prior["per_type"].get(kind) for prior in priors]) for kind in TYPE_HEADERS]
-        lines.append("| question-only prior | - | - | " + " | ".join(seed_stats.format_mean_std(cell) for cell in cells)
+        lines.append(f"| question-only prior | - | {len(priors)} | - | "
+                     + " | ".join(seed_stats.format_mean_std(cell) for cell in cells)
                      + " | - |")
     return lines
 
@@ -188,13 +335,22 @@ def precision_lines(results: dict) -> list[str]:
     return lines
 
 
+def _seed_list(seeds: list[int]) -> str:
+    """'(0, 1, 2)', or '0-40' for a consecutive run of more than eight seeds."""
+    if len(seeds) > 8 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return str(tuple(seeds))
+
+
 def k_report(k: int, results: dict, plot: str | None) -> list[str]:
     """The markdown of one k: both tables, the precision lines, the SE target and the claims as the demo words them."""
     errors = [se for row in cell_errors(results).values() for se in row.values() if se is not None]
     met = sum(se <= TARGET_SE for se in errors)
     seeds = results["seeds"]
     count = next((run["eval_questions"] for run in results["runs"] if run.get("eval_questions")), 0)
-    lines = [f"### k = {k}: {len(seeds)} seeds {tuple(seeds)}, {count} test questions per seed", ""]
+    counts = set(seed_counts(results).values())
+    per_run = "" if len(counts) <= 1 else f" (the runs have {min(counts)}-{max(counts)} of them: column seeds)"
+    lines = [f"### k = {k}: {len(seeds)} seeds {_seed_list(seeds)}{per_run}, {count} test questions per seed", ""]
     lines += run_table(results)
     lines += ["", "Paired by seed (a - b, mean ± SE; * beyond twice the SE):", ""] + comparison_table(results)
     if precision := precision_lines(results):
@@ -253,18 +409,19 @@ def main(argv=None) -> int:
             settings = dataclasses.replace(settings, stage2_steps=args.stage2_steps)
         if args.fractions:
             settings = dataclasses.replace(settings, fractions=tuple(float(part) for part in args.fractions.split(",")))
-        results = demo.run_all(os.path.join(args.out, f"k{k}"), settings, args.cache)
+        results = run_study_k(args, k, settings)
         by_k[k] = results
         errors = cell_errors(results)
         study["by_k"][k] = {key: results[key] for key in ("seeds", "mean", "std", "comparisons", "claims")}
         study["by_k"][k]["cell_se"] = errors
         study["by_k"][k]["retrieval_precision"] = {
-            run["name"]: run["retrieval_precision"] for run in results["runs"] if run["seed"] == settings.seeds[0]}
+            run["name"]: run["retrieval_precision"] for run in results["runs"] if run["seed"] == results["seeds"][0]}
         print(f"\n######## k = {k}\n" + demo.format_table(results))
         worst = max((se for row in errors.values() for se in row.values() if se is not None), default=None)
         print(f"largest SE of a colour / shape cell mean: {worst if worst is None else round(worst, 4)} "
               f"(target {TARGET_SE}: {'met' if worst is not None and worst <= TARGET_SE else 'not met'})")
     study["seconds"] = round(time.perf_counter() - started, 1)
+    os.makedirs(args.out, exist_ok=True)     # --report-only trains nothing into it
     with open(os.path.join(args.out, "study.json"), "w") as f:
         json.dump(study, f, indent=1, default=str)
     print(f"\nwrote {os.path.join(args.out, 'study.json')} ({study['seconds']} s)")
