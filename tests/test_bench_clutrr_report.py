@@ -207,34 +207,37 @@ def test_paired_table_with_one_seed_has_no_standard_error_and_no_star(tmp_path):
             == "| BiLSTM + KD | +0.400 ± - | +0.400 ± - | +0.400 ± - |")
 
 
+ROBUST_PAIRED_TITLE = f"{bench.PAIRED_TITLE}, test k = 3 per test noise, their mean, and the own-noise k = 2 file:"
+
+
+def _robustness_report(tmp_path, dataset: str, files: dict, variant: str, file: str, gains) -> str:
+    """The report of one robustness set whose jobs (one per gain) score every model at `files` but `variant`,
+    which is `gain` above them on `file`."""
+    for seed, gain in enumerate(gains):
+        accuracy = {name: dict(files) for name in ("teacher", *bench.VARIANTS)}
+        accuracy[variant][file] += gain
+        _write_job(tmp_path, dataset, seed, accuracy)
+    return bench.build_report(str(tmp_path), None)
+
+
 def test_robustness_sets_get_a_paired_table_at_k3_per_test_noise(tmp_path):
     dataset = "data_06b8f2a1"
-    for seed, gain in enumerate((0.1, 0.2)):
-        files = {"1.3_test.csv": 0.5, "2.3_test.csv": 0.6, "2.2_test.csv": 0.7}
-        accuracy = {name: dict(files) for name in ("teacher", *bench.VARIANTS)}
-        accuracy["kd"]["2.3_test.csv"] += gain
-        _write_job(tmp_path, dataset, seed, accuracy)
-    report = bench.build_report(str(tmp_path), None)
+    report = _robustness_report(tmp_path, dataset, {"1.3_test.csv": 0.5, "2.3_test.csv": 0.6, "2.2_test.csv": 0.7},
+                                "kd", "2.3_test.csv", (0.1, 0.2))
     # supporting at k = 3: differences 0.1, 0.2 -> mean 0.15, sample std 0.0707, SE 0.05: beyond 2 SE (0.1).
     # Mean of the two k = 3 files: differences 0.05, 0.10 -> mean 0.075, SE 0.025 (star); own-noise k = 2: none.
-    title = f"{bench.PAIRED_TITLE}, test k = 3 per test noise, their mean, and the own-noise k = 2 file:"
-    assert (_paired_row(report, title, f"supporting ({dataset}, 2 seeds): BiLSTM + KD")
+    assert (_paired_row(report, ROBUST_PAIRED_TITLE, f"supporting ({dataset}, 2 seeds): BiLSTM + KD")
             == f"| supporting ({dataset}, 2 seeds): BiLSTM + KD | +0.000 ± 0.000 | +0.150 ± 0.050* | - | - "
                "| +0.075 ± 0.025* | +0.000 ± 0.000 |")
 
 
 def test_the_robustness_paired_table_has_no_k2_cell_for_a_set_without_a_k2_file(tmp_path):
     dataset = "data_523348e6"
-    for seed, gain in enumerate((0.0, 0.2, 0.1)):
-        files = {"1.3_test.csv": 0.5, "3.3_test.csv": 0.4}
-        accuracy = {name: dict(files) for name in ("teacher", *bench.VARIANTS)}
-        accuracy["kd_contrastive"]["3.3_test.csv"] -= gain
-        _write_job(tmp_path, dataset, seed, accuracy)
-    report = bench.build_report(str(tmp_path), None)
+    report = _robustness_report(tmp_path, dataset, {"1.3_test.csv": 0.5, "3.3_test.csv": 0.4}, "kd_contrastive",
+                                "3.3_test.csv", (-0.0, -0.2, -0.1))
     # irrelevant at k = 3: -0.0, -0.2, -0.1 -> mean -0.1, sample std 0.1, SE 0.0577 (no star); the mean of the two
     # files halves both: -0.050 ± 0.029.
-    title = f"{bench.PAIRED_TITLE}, test k = 3 per test noise, their mean, and the own-noise k = 2 file:"
-    assert (_paired_row(report, title, f"irrelevant ({dataset}, 3 seeds): BiLSTM + KD + contrastive")
+    assert (_paired_row(report, ROBUST_PAIRED_TITLE, f"irrelevant ({dataset}, 3 seeds): BiLSTM + KD + contrastive")
             == f"| irrelevant ({dataset}, 3 seeds): BiLSTM + KD + contrastive | +0.000 ± 0.000 | - "
                "| -0.100 ± 0.058 | - | -0.050 ± 0.029 | - |")
 
