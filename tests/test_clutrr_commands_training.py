@@ -1,4 +1,5 @@
 """`jaxalign clutrr train-teacher | distill | eval` on generated CSVs in the released format."""
+import csv
 import dataclasses
 import json
 import os
@@ -91,3 +92,27 @@ def test_training_commands_reject_unknown_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["clutrr", "train-teacher", "--config", "x.py", "--workdir", "w", "--stepz=3"])
     assert "config overrides look like" in capsys.readouterr().err
+
+
+def test_missing_data_and_malformed_rows_are_one_error_line_with_exit_code_2(teacher_dir, csv_files, capsys,
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)      # the configs' default data (../shared/data/clutrr) is not there
+    for command, config in (("train-teacher", "clutrr_teacher.py:quick"), ("distill", "clutrr_distill.py:quick")):
+        capsys.readouterr()
+        assert cli.main(["clutrr", command, "--config", os.path.join(CONFIGS, config),
+                         "--workdir", str(tmp_path / command)]) == 2
+        captured = capsys.readouterr()
+        error = captured.err.strip()
+        assert captured.out == "" and "\n" not in error and "Traceback" not in error
+        assert error.startswith(f"jaxalign clutrr {command}: error: CLUTRR data not found: ")
+        assert "jaxalign clutrr generate --out-dir DIR" in error
+    with open(csv_files["test"], encoding="utf-8", newline="") as stream:
+        header, *rows = list(csv.reader(stream))
+    rows[1][header.index("query")] = "not a pair"
+    bad = tmp_path / "1.2_bad_test.csv"
+    with open(bad, "w", encoding="utf-8", newline="") as stream:
+        csv.writer(stream).writerows([header, *rows[:2]])
+    capsys.readouterr()
+    assert cli.main(["clutrr", "eval", "--checkpoint", teacher_dir, "--csv", str(bad)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"jaxalign clutrr eval: error: {bad}") and "query" in error and "\n" not in error

@@ -15,11 +15,14 @@ accepts any CSV in the released format (for example a file written by `jaxalign 
 JSON with the accuracy overall, per noise task, per k and per (task, k); for a teacher, also the number of rows
 whose file labels their noise edges (`rows_noise_labelled`; files of the reference generator do) and the accuracy
 with those labels replaced by 'unlabelled' (`accuracy_noise_unlabelled`, null when no row labels its noise).
+Bad input (a missing data file, as when the configs' default ../shared/data/clutrr is not there, or a malformed
+row: file, row and field) is one error line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from jaxalign.commands import common
 
@@ -38,25 +41,46 @@ def _summary(result: dict) -> dict:
             if key in result}
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises: a missing file or folder (the message names it and, for the configs' default data,
+    how to point at data) and a malformed CLUTRR row (file, row and field)."""
+    from jaxalign.clutrr import reader
+
+    return FileNotFoundError, reader.ClutrrFormatError
+
+
+def _reported(command: str, run) -> int:
+    """Runs `run()` and prints its JSON; bad input is one error line (exit code 2), not a traceback."""
+    try:
+        output = run()
+    except _input_errors() as error:
+        print(f"jaxalign clutrr {command}: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(output, indent=1, default=str))
+    return 0
+
+
 def _train_teacher(args: argparse.Namespace) -> int:
     from jaxalign.configs.base import load_config
     from jaxalign.programs import clutrr_trainer as trainer
 
-    result = trainer.train_teacher(load_config(args.config, args.overrides), args.workdir)
-    print(json.dumps(_summary(result), indent=1, default=str))
-    return 0
+    return _reported("train-teacher", lambda: _summary(
+        trainer.train_teacher(load_config(args.config, args.overrides), args.workdir)))
 
 
 def _distill(args: argparse.Namespace) -> int:
     from jaxalign.configs.base import load_config
     from jaxalign.programs import clutrr_trainer as trainer
 
-    result = trainer.train_student(load_config(args.config, args.overrides), args.workdir)
-    print(json.dumps(_summary(result), indent=1, default=str))
-    return 0
+    return _reported("distill", lambda: _summary(
+        trainer.train_student(load_config(args.config, args.overrides), args.workdir)))
 
 
 def _eval(args: argparse.Namespace) -> int:
+    return _reported("eval", lambda: _evaluation(args))
+
+
+def _evaluation(args: argparse.Namespace) -> dict:
     from jaxalign.clutrr import reader
     from jaxalign.distill import evaluate
 
@@ -78,11 +102,8 @@ def _eval(args: argparse.Namespace) -> int:
               "process_count": jax.process_count(), "device_count": jax.device_count()}
     if len(args.csv) == 1:
         (path, report), = reports.items()
-        output = {**header, "csv": path, **report}
-    else:
-        output = {**header, "files": reports}
-    print(json.dumps(output, indent=1))
-    return 0
+        return {**header, "csv": path, **report}
+    return {**header, "files": reports}
 
 
 def add_training_commands(clutrr_subparsers: argparse._SubParsersAction) -> None:
