@@ -137,8 +137,9 @@ def _field(settings: dict, dotted: str):
 
 
 def kept_runs(archive: str, k: int, settings: demo.DemoSettings) -> list[dict]:
-    """The records kept for k, all at `settings` (seeds and methods aside); a record at other settings is an error
-    naming its file and the fields, since pooling it would mix two studies (give another --section)."""
+    """The records kept for k, all at `settings` (seeds, methods and fractions aside) and on the towers those
+    settings make today; a record at other settings or of other towers is an error naming its file (and the
+    fields), since pooling it would mix two studies (give another --section)."""
     folder = os.path.join(archive, f"k{k}")
     wanted = comparable_settings(settings)
     records = []
@@ -147,6 +148,12 @@ def kept_runs(archive: str, k: int, settings: demo.DemoSettings) -> list[dict]:
             continue
         with open(os.path.join(folder, name)) as f:
             record = json.load(f)
+        towers = settings.towers.fingerprint()
+        if record.get("towers_fingerprint") != towers:
+            raise ValueError(f"{os.path.join(folder, name)} was trained on other towers (fingerprint "
+                             f"{record.get('towers_fingerprint')} kept, {towers} now: their settings, their code or "
+                             "JAX changed since, see pretrain_towers.TowerPretrainConfig.fingerprint); pool it with a "
+                             "study of those towers, or give this one another --section")
         kept = comparable_settings(record["settings"])
         if kept != wanted:
             raise ValueError(f"{os.path.join(folder, name)} ran other settings: "

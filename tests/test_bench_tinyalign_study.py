@@ -132,7 +132,7 @@ def _fake_run_all(calls):
                 for method in settings.methods for seed in settings.seeds for fraction in settings.fractions]
         priors = {seed: {"accuracy": 0.6, "per_type": {"shape": 0.33, "color": 0.1}} for seed in settings.seeds}
         return {"runs": runs, "question_prior": priors, "environment": {"cpu_count": 2, "jax": "x"},
-                "towers": {"manifest": {"fingerprint": "abc"}}}
+                "towers": {"manifest": {"fingerprint": settings.towers.fingerprint()}}}
     return run_all
 
 
@@ -214,3 +214,16 @@ def test_runs_asked_for_at_one_fraction_pool_with_the_runs_of_both(tmp_path, mon
     assert list(by_k["mean"]) == ["tinyalign 100%", "tinyalign 40%"]
     assert by_k["cell_se"]["tinyalign 40%"]["shape"] == pytest.approx(0.05)   # 0.5, 0.6: std 0.0707 / sqrt(2)
     assert by_k["cell_se"]["tinyalign 100%"]["shape"] is None                                # one seed
+
+
+def test_a_kept_run_of_other_towers_is_refused(tmp_path, monkeypatch):
+    study = _study()
+    monkeypatch.setattr(study.demo, "run_all", _fake_run_all([]))
+    _main(study, tmp_path, "--seeds", "0", "--methods", "baseline")
+    path = tmp_path / "jobs" / "k3" / "baseline_40_seed0.json"
+    record = json.loads(path.read_text())
+    record["towers_fingerprint"] = "0123456789abcdef"     # towers made by other tower code
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"baseline_40_seed0\.json was trained on other towers \(fingerprint "
+                                         r"0123456789abcdef kept"):
+        _main(study, tmp_path, "--report-only")
