@@ -114,16 +114,18 @@ def kept_run_path(archive: str, k: int, name: str, seed: int) -> str:
     return os.path.join(archive, f"k{k}", f"{name.replace('%', '').replace(' ', '_')}_seed{seed}.json")
 
 
-def keep_runs(archive: str, k: int, settings: demo.DemoSettings, results: dict) -> int:
+def keep_runs(archive: str, k: int, settings: demo.DemoSettings, results: dict, command: str = "") -> int:
     """Writes each run of run_all's `results` to the archive (atomically: a parallel invocation may read it) with
-    the settings it ran, its seed's question-only prior and the machine; returns how many it wrote."""
+    the settings it ran, its seed's question-only prior, the machine and the command that ran it; returns how many
+    it wrote."""
     for run in results["runs"]:
         path = kept_run_path(archive, k, run["name"], run["seed"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         record = {"settings": comparable_settings(settings), "run": {key: run.get(key) for key in KEPT_FIELDS},
                   "question_prior": (results.get("question_prior") or {}).get(run["seed"]),
                   "environment": results.get("environment"),
-                  "towers_fingerprint": ((results.get("towers") or {}).get("manifest") or {}).get("fingerprint")}
+                  "towers_fingerprint": ((results.get("towers") or {}).get("manifest") or {}).get("fingerprint"),
+                  "command": command}
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=1, default=str)
         os.replace(path + ".tmp", path)
@@ -178,13 +180,18 @@ def pooled_results(records: list[dict], settings: demo.DemoSettings) -> dict:
                                  methods=tuple(dict.fromkeys(run["method"] for run in runs)),
                                  fractions=tuple(sorted({run["fraction"] for run in runs}, reverse=True)))
     last = records[-1] if records else {}
+    commands: dict[str, int] = {}
+    for record in records:
+        commands[record.get("command") or "(not recorded)"] = commands.get(record.get("command") or
+                                                                          "(not recorded)", 0) + 1
     return {"settings": dataclasses.asdict(pooled), "seeds": seeds, "runs": runs, "question_prior": priors,
+            "kept_commands": commands,
             "environment": last.get("environment") or {},
             "towers": {"manifest": {"fingerprint": last.get("towers_fingerprint", "?")}},
             **demo.aggregate(runs, pooled, priors)}
 
 
-def run_study_k(args: argparse.Namespace, k: int, settings: demo.DemoSettings) -> dict:
+def run_study_k(args: argparse.Namespace, k: int, settings: demo.DemoSettings, command: str = "") -> dict:
     """The results of one k: without an archive, run_all as asked; with one, run_all seed by seed for the methods
     whose runs of that seed are not kept yet (each seed kept as soon as it finishes), then the pool of all kept
     runs."""
@@ -202,7 +209,7 @@ def run_study_k(args: argparse.Namespace, k: int, settings: demo.DemoSettings) -
                 continue
             print(f"\n######## k = {k}, seed {seed}: {', '.join(missing)}", flush=True)
             results = demo.run_all(out, dataclasses.replace(settings, seeds=(seed,), methods=missing), args.cache)
-            keep_runs(archive, k, settings, results)
+            keep_runs(archive, k, settings, results, command)
         records = kept_runs(archive, k, settings)
         print(f"{len(records)} run(s) of k = {k} kept in {archive}", flush=True)
     if not records:
@@ -380,6 +387,9 @@ def markdown_report(by_k: dict[int, dict], command: str, facts: str, section: st
     lines = [start, f"## TinyAlign study (`bench/tinyalign_study.py --section {section}`)", "",
              "Command:", "", f"    {command}", "", facts, ""]
     for k, results in by_k.items():
+        if kept := results.get("kept_commands"):
+            lines += [f"k = {k} pools the {sum(kept.values())} runs kept in bench/jobs/{section}/k{k}, made by:", ""]
+            lines += [f"- `{kept_command}`: {count} runs" for kept_command, count in kept.items()] + [""]
         lines += k_report(k, results, (plots or {}).get(k))
     return "\n".join(lines).rstrip("\n") + "\n" + end
 
@@ -405,6 +415,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     startup.start()
     study = {"args": vars(args), "by_k": {}}
+    command = "python bench/tinyalign_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     by_k: dict[int, dict] = {}
     for k in (int(part) for part in args.k.split(",")):
@@ -416,7 +427,7 @@ def main(argv=None) -> int:
             settings = dataclasses.replace(settings, stage2_steps=args.stage2_steps)
         if args.fractions:
             settings = dataclasses.replace(settings, fractions=tuple(float(part) for part in args.fractions.split(",")))
-        results = run_study_k(args, k, settings)
+        results = run_study_k(args, k, settings, command)
         by_k[k] = results
         errors = cell_errors(results)
         study["by_k"][k] = {key: results[key] for key in ("seeds", "mean", "std", "comparisons", "claims")}
@@ -435,7 +446,6 @@ def main(argv=None) -> int:
     plots = {} if args.no_results else {
         k: plot_accuracy(results, k, os.path.join(BENCH, f"{args.section}_k{k}_accuracy.png"))
         for k, results in by_k.items()}
-    command = "python bench/tinyalign_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = markdown_report(by_k, command, facts_line(by_k), args.section, plots)
     print("\n" + report)
     if not args.no_results:

@@ -152,6 +152,7 @@ def test_kept_runs_are_not_rerun_and_the_report_pools_every_kept_seed(tmp_path, 
     record = json.loads((tmp_path / "jobs" / "k3" / "tinyalign_40_seed1.json").read_text())
     assert "loss_history" not in record["run"] and "examples" not in record["run"]
     assert record["settings"]["stage2_steps"] == 600 and "seeds" not in record["settings"]
+    assert record["command"].startswith("python bench/tinyalign_study.py --out ") and "--seeds 0,1" in record["command"]
     # A second invocation asks for seeds 1 and 2 of tinyalign: only seed 2 runs; the report has all kept runs.
     calls.clear()
     _main(study, tmp_path, "--seeds", "1,2", "--methods", "tinyalign")
@@ -165,10 +166,16 @@ def test_kept_runs_are_not_rerun_and_the_report_pools_every_kept_seed(tmp_path, 
     difference = next(row for row in by_k["comparisons"] if row["a"] == "tinyalign 100%"
                       and row["b"] == "baseline 100%" and row["metric"] == "accuracy/shape")
     assert difference["n"] == 2 and difference["mean"] == pytest.approx(0.2)    # paired on seeds 0 and 1 only
-    # --report-only trains nothing and reports the same pool.
+    # --report-only trains nothing and reports the same pool, naming the commands that made it.
     calls.clear()
     _main(study, tmp_path, "--report-only")
     assert calls == [] and json.loads((tmp_path / "out" / "study.json").read_text())["by_k"]["3"]["seeds"] == [0, 1, 2]
+    settings = dataclasses.replace(demo.demo_settings(), stage2_steps=600, eval_questions=2000)
+    results = study.pooled_results(study.kept_runs(str(tmp_path / "jobs"), 3, settings), settings)
+    report = study.markdown_report({3: results}, "cmd", "facts", "pool")
+    assert "k = 3 pools the 10 runs kept in bench/jobs/pool/k3, made by:" in report
+    assert any(line.startswith("- `python bench/tinyalign_study.py") and "--methods tinyalign`: 2 runs" in line
+               for line in report.splitlines())
 
 
 def test_a_kept_run_of_other_settings_is_refused_naming_its_file_and_the_field(tmp_path, monkeypatch):
