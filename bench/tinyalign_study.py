@@ -407,8 +407,10 @@ def plot_accuracy(results: dict, k: int, path: str) -> str:
                      for kind in kinds]
         values[name] = {group: summary["mean"] or 0.0 for group, summary in zip(groups, summaries)}
         bars[name] = {group: 2 * (summary["se"] or 0.0) for group, summary in zip(groups, summaries)}
+    counts = sorted(set(seed_counts(results).values()))
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     return plots.plot_accuracy_bars(values, path, errors=bars,
-                                    title=f"easy-vqa, k = {k}: mean over {len(results['seeds'])} seeds, bars 2 SE")
+                                    title=f"easy-vqa, k = {k}: mean over {seeds} seeds per run, bars 2 SE")
 
 
 def main(argv=None) -> int:
