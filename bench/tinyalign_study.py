@@ -29,6 +29,7 @@ reaches about 0.02 when the seed-to-seed std is 0.05; the printed SE column says
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -180,10 +181,7 @@ def pooled_results(records: list[dict], settings: demo.DemoSettings) -> dict:
                                  methods=tuple(dict.fromkeys(run["method"] for run in runs)),
                                  fractions=tuple(sorted({run["fraction"] for run in runs}, reverse=True)))
     last = records[-1] if records else {}
-    commands: dict[str, int] = {}
-    for record in records:
-        commands[record.get("command") or "(not recorded)"] = commands.get(record.get("command") or
-                                                                          "(not recorded)", 0) + 1
+    commands = dict(collections.Counter(record.get("command") or "(not recorded)" for record in records))
     return {"settings": dataclasses.asdict(pooled), "seeds": seeds, "runs": runs, "question_prior": priors,
             "kept_commands": commands,
             "environment": last.get("environment") or {},
@@ -236,10 +234,7 @@ def seeds_needed(se: float, seeds: int, target: float = TARGET_SE) -> int:
 
 def seed_counts(results: dict) -> dict[str, int]:
     """{run name: seeds it has}: kept runs accumulate per arm, so arms may have different counts."""
-    counts: dict[str, int] = {}
-    for run in results["runs"]:
-        counts[run["name"]] = counts.get(run["name"], 0) + 1
-    return counts
+    return dict(collections.Counter(run["name"] for run in results["runs"]))
 
 
 def target_line(results: dict) -> str | None:
