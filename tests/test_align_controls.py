@@ -190,6 +190,46 @@ def test_a_caption_oracle_encodes_the_records_caption_as_a_caption_bank_does(run
     np.testing.assert_array_equal(batch[pipeline.ORACLE_FIELD], bank_form)
 
 
+class CountingRecords(list):
+    """Records that count how often each index is read."""
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.reads = collections.Counter()
+
+    def __getitem__(self, index):
+        self.reads[int(index)] += 1
+        return super().__getitem__(index)
+
+
+def test_a_caption_oracle_reads_and_encodes_each_training_record_once_per_run(run):
+    """Over several epochs every training batch carries its samples' captions in the bank's form, while the
+    oracle reads a record once: epochs after the first take its rows from the iterator's cache."""
+    options = dict(tokenizer=run["tokenizer"], template=get_template("plain"), image_size=16, mean=SIGLIP_MEAN,
+                   std=SIGLIP_STD, max_length=L, verbose=False, process_index=0, process_count=1)
+    records = [record for record in run["bank_records"] if record["caption"]][:2 * B]
+    captions = [{"id": "c", "image": record["image"], "caption": record["caption"],
+                 "conversations": json.dumps(easy_vqa.caption_conversation(record["caption"]))}
+                for record in records]
+    bank_form = next(memory_keys.memory_batches(pipeline.make_eval_dataset(captions, batch_size=len(records),
+                                                                           **options),
+                                                run["tokenizer"], "tokens", LV))["value_tokens"]
+    reads = {}
+    for oracle in (None, memory_keys.oracle_values(LV, "caption")):
+        source = CountingRecords(records)
+        batches = pipeline.make_vqa_dataset(source, batch_size=B, seed=0, num_epochs=3, oracle_values=oracle,
+                                            cache_samples=True, **options)
+        seen = 0
+        for batch in batches:
+            if oracle is not None:
+                np.testing.assert_array_equal(batch[pipeline.ORACLE_FIELD], bank_form[batch["sample_index"]])
+            seen += len(batch["sample_index"])
+        assert seen == 3 * len(records)
+        reads[oracle is not None] = source.reads
+    extra = reads[True] - reads[False]   # the oracle's own reads
+    assert extra == collections.Counter(range(len(records)))
+
+
 # ------------------------------------------------------------------------------------ shuffle within group
 def test_the_within_group_permutation_stays_in_each_question_type_and_is_fixed_by_its_seed(run):
     types = field(run["bank_records"], "question_type", np.arange(BANK))
