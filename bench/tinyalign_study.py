@@ -49,6 +49,10 @@ from jaxalign.programs import demo, startup  # noqa: E402
 STUDY_METHODS = ("baseline", "tinyalign", "shuffle_within_group", "oracle", "constant")
 TARGET_SE = 0.02
 DEFAULT_SECTION = "tinyalign_study"
+# Shape accuracy at which a seed counts as reading the shape from its context fully / at least partly: seeds that
+# cannot read it there (the baseline's and both nulls', k = 3 pool) answer shape questions at 0.28-0.55, so 0.6 is
+# above all of them; 0.9 is about the lowest colour accuracy of a 100% TinyAlign or oracle seed (0.87-1.0).
+SHAPE_READ_FULLY, SHAPE_READ_PARTLY = 0.9, 0.6
 TYPE_HEADERS = {"shape": "shape", "color": "colour", "yes_no_shape": "yes/no shape", "yes_no_color": "yes/no colour"}
 
 
@@ -344,6 +348,31 @@ def precision_lines(results: dict) -> list[str]:
     return lines
 
 
+def shape_reading(results: dict) -> dict[str, dict[str, int]]:
+    """{run name: {'fully', 'partly', 'not': seeds}}: how many seeds of each run answer shape questions at
+    SHAPE_READ_FULLY or more, between SHAPE_READ_PARTLY and it, or below it. Seeds split into these groups rather
+    than spreading around the mean (whether the tiny LM learns to read its context is decided per seed), which is
+    what makes the shape cells the slowest to reach the SE target."""
+    counts = {}
+    for run in results["runs"]:
+        shape = (run.get("per_type") or {}).get("shape")
+        if shape is None:
+            continue
+        group = "fully" if shape >= SHAPE_READ_FULLY else "partly" if shape >= SHAPE_READ_PARTLY else "not"
+        counts.setdefault(run["name"], {"fully": 0, "partly": 0, "not": 0})[group] += 1
+    return counts
+
+
+def reading_lines(results: dict) -> list[str]:
+    """The markdown line of `shape_reading` for the runs where some seed reads shape at least partly."""
+    parts = [f"{name} {row['fully']} / {row['partly']} / {row['not']}"
+             for name, row in shape_reading(results).items() if row["fully"] + row["partly"]]
+    if not parts:
+        return []
+    return [f"Seeds reading shape fully (>= {SHAPE_READ_FULLY}) / partly ({SHAPE_READ_PARTLY}-{SHAPE_READ_FULLY}) / "
+            f"not (below {SHAPE_READ_PARTLY}; runs where no seed reads it left out): " + ", ".join(parts) + "."]
+
+
 def _seed_list(seeds: list[int]) -> str:
     """'(0, 1, 2)', or '0-40' for a consecutive run of more than eight seeds."""
     if len(seeds) > 8 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
@@ -364,6 +393,8 @@ def k_report(k: int, results: dict, plot: str | None) -> list[str]:
     lines += ["", "Paired by seed (a - b, mean ± SE; * beyond twice the SE):", ""] + comparison_table(results)
     if precision := precision_lines(results):
         lines += ["", "What the retrieved values carry:", ""] + precision
+    if reading := reading_lines(results):
+        lines += [""] + reading
     lines += ["", f"Colour / shape cells with a standard error of the mean at most {TARGET_SE}: {met} of {len(errors)} "
               f"(largest {max(errors):.3f})." if errors else "Standard errors: not measured (one seed)."]
     if needed := target_line(results):
@@ -429,6 +460,7 @@ def main(argv=None) -> int:
         errors = cell_errors(results)
         study["by_k"][k] = {key: results[key] for key in ("seeds", "mean", "std", "comparisons", "claims")}
         study["by_k"][k]["cell_se"] = errors
+        study["by_k"][k]["shape_reading"] = shape_reading(results)
         study["by_k"][k]["retrieval_precision"] = {
             run["name"]: run["retrieval_precision"] for run in results["runs"] if run["seed"] == results["seeds"][0]}
         print(f"\n######## k = {k}\n" + demo.format_table(results))

@@ -82,6 +82,9 @@ def test_report_tables_hold_the_hand_computed_means_standard_errors_and_paired_d
                for line in lines)
     assert "| question-only prior | - | 3 | - | 0.600 ± 0.000 | 0.330 ± 0.000 | 0.100 ± 0.000 |" in report
     assert "- tinyalign 100% (seed 0; colour / shape): test 0.999 / 0.994" in lines
+    # Shape per seed: tinyalign 0.8, 0.9, 1.0 (1 partly, 2 fully), constant 0.4, 0.5, 0.6 (1 partly), baseline none.
+    assert any(line.startswith("Seeds reading shape fully (>= 0.9) / partly (0.6-0.9) / not (below 0.6")
+               and line.endswith(": tinyalign 100% 2 / 1 / 0, constant 100% 0 / 1 / 2.") for line in lines)
     # Six colour / shape cells: the three colour ones (SE 0) meet 0.02, the shape ones (SE 0.058) do not.
     assert "at most 0.02: 3 of 6 (largest 0.058)." in report
     # Each shape cell: 3 (0.0577 / 0.02)^2 = 25 seeds; 22 more seeds x 3 runs x 30 s = 66 runs, 0.55 h.
@@ -103,6 +106,17 @@ def test_a_rerun_replaces_its_own_section_of_results_md_and_leaves_the_rest(tmp_
     text = results_md.read_text()
     assert text.count("<!-- study_test:start -->") == 1 and "2 seeds (0, 1)" in text and "3 seeds" not in text
     assert "keep me" in text and text.startswith("# Benchmark results\n\nintro")
+
+
+def test_shape_reading_counts_each_seed_once_at_the_thresholds():
+    study = _study()
+    runs = [{"name": "tinyalign 100%", "per_type": {"shape": shape, "color": 1.0}}
+            for shape in (0.95, 0.9, 0.75, 0.6, 0.59)]
+    runs += [{"name": "baseline 100%", "per_type": {"shape": shape}} for shape in (0.4, 0.55)]
+    runs += [{"name": "baseline 100%", "per_type": {"color": 0.9}}]      # no shape question scored: not counted
+    assert study.shape_reading({"runs": runs}) == {"tinyalign 100%": {"fully": 2, "partly": 2, "not": 1},
+                                                   "baseline 100%": {"fully": 0, "partly": 0, "not": 2}}
+    assert study.reading_lines({"runs": runs[5:]}) == []     # no seed reads it: no line
 
 
 def test_precision_lines_leave_out_the_oracle_which_reads_no_bank_row():
