@@ -457,8 +457,8 @@ def _claims(comparisons: list[dict], settings: DemoSettings) -> list[str]:
                       f"({settings.stage2_steps * settings.batch_size:,} samples) at k = {settings.k}: no memory can "
                       "help it until it does (in our runs at k = 3 it learns to after about 10,000-20,000 training "
                       "samples, not at every seed; `jaxalign demo --stage2-steps 600` trains 19,200, and there "
-                      "TinyAlign beats the baseline and its shuffle; at k = 1, one copy of the value, 600 steps do "
-                      "not suffice: bench/RESULTS.md)")
+                      "TinyAlign beats the baseline and its shuffle; at k = 1, one copy of the value, 600 "
+                      "steps suffice at some seeds only: bench/RESULTS.md)")
     if uses := _uses_image(comparisons, settings):
         claims.append(uses)
     if low != full:
