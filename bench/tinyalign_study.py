@@ -15,9 +15,10 @@ machine: a later invocation at the same settings skips the runs kept there, and 
 the section, so seeds (also those of single cells: `--methods tinyalign,oracle --fractions 0.4 --seeds 8,9,...`)
 accumulate session by session; `--report-only` rebuilds the report from the kept runs alone. It prints, per k, the mean ±
 std over seeds of every run, the paired differences with their standard errors (`*` beyond twice it), the
-retrieval precision of the values the LM reads, and the standard error of each colour / shape cell mean against
-the 0.02 target, and writes <out>/study.json. The same report, as markdown with the paired comparisons of every
-arm against the baseline and both nulls (the constant control included), replaces the section `--section` of
+retrieval precision of the values the LM reads, how many seeds read shape fully / partly / not, and the standard
+error of each colour / shape cell mean against the 0.02 target, and writes <out>/study.json. The same report, as
+markdown with the paired comparisons of every arm against the baseline and both nulls (the constant control
+included) and of TinyAlign against the oracle, replaces the section `--section` of
 bench/RESULTS.md, beside one plot per k (bench/<section>_k<k>_accuracy.png, bars of twice the SE); `--no-results`
 leaves both alone. Rerunning a finished command reuses every run and only rewrites the report.
 
